@@ -1,0 +1,33 @@
+"""Samplers: each a pure function that runs a whole reverse chain as one `lax.scan`.
+
+Call shape (DESIGN §4), for every sampler in the registry:
+
+    x0 = sampler(model_fn, schedule, key, x_T, steps=50, prediction="eps", **options)
+
+`model_fn(x_t, t) -> prediction` is the network with its parameters and any
+conditioning closed over; `t` is the int32 [B] index of the *training* schedule.
+`x_T` may have any shape [B, ...]. With `return_trajectory=True` a sampler
+returns `(x0, trajectory)` where trajectory[0] is x_T and trajectory[-1] is x0.
+"""
+
+from collections.abc import Callable
+
+from diffusion_jax.registry import Registry
+from diffusion_jax.samplers.ddim import ddim_sample
+from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
+
+SAMPLERS: Registry[Callable] = Registry("sampler", "sample.sampler")
+SAMPLERS.register("ddpm")(ddpm_sample)
+SAMPLERS.register("ddim")(ddim_sample)
+
+
+def get(name: str) -> Callable:
+    """The sampler registered as `name` ('ddpm' | 'ddim')."""
+    return SAMPLERS.get(name)
+
+
+def names() -> list[str]:
+    return SAMPLERS.names()
+
+
+__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "get", "names"]
