@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -149,7 +150,7 @@ def make_denoiser(
 
 def check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"diffusion.prediction: unknown prediction {prediction!r}; "
             f"choose one of: {', '.join(PREDICTIONS)}"
         )
@@ -175,6 +176,7 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gam
       - 'min_snr': x_0 weight min(SNR, gamma) (Min-SNR-gamma, Hang et al. 2023, arXiv 2303.09556).
     """
     check_prediction(prediction)
+    check_weighting(weighting)
     if weighting == "none":
         return jnp.ones_like(log_snr)
     snr = jnp.exp(log_snr)
@@ -183,13 +185,16 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gam
         x0_weight = snr
     elif weighting == "truncated_snr":
         x0_weight = jnp.maximum(snr, 1.0)
-    elif weighting == "min_snr":
+    else:  # min_snr
         x0_weight = jnp.minimum(snr, min_snr_gamma)
-    else:
-        raise ValueError(
+    return x0_weight / target_factor
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(
             f"diffusion.loss_weighting: unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}"
         )
-    return x0_weight / target_factor
 
 
 def training_target(x0: jax.Array, noise: jax.Array, alpha: jax.Array, sigma: jax.Array, prediction: str) -> jax.Array:

@@ -8,6 +8,8 @@ compilation.
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from diffusion_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -32,11 +34,11 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        """The object registered as `name`; a ValueError naming the field if there is none."""
+        """The object registered as `name`; a ConfigError naming the field if there is none."""
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                     f"{self.field}: unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
 

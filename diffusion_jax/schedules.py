@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.registry import Registry
 
 SCHEDULES: Registry[Callable[..., np.ndarray]] = Registry("schedule", "diffusion.schedule")
@@ -149,7 +150,7 @@ def get(name: str, num_timesteps: int = 1000, **kwargs: float) -> Schedule:
     """The named schedule ('linear', 'cosine', 'scaled_linear', 'sigmoid') with T steps."""
     make_betas = SCHEDULES.get(name)
     if num_timesteps < 1:
-        raise ValueError(f"diffusion.num_timesteps must be >= 1, got {num_timesteps}")
+        raise ConfigError(f"diffusion.num_timesteps must be >= 1, got {num_timesteps}")
     return from_betas(make_betas(num_timesteps, **kwargs))
 
 
@@ -187,7 +188,7 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
       so repeats are dropped and slightly fewer than S steps are returned.
     """
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sample.steps must be in [1, {num_timesteps}], got {steps}")
+        raise ConfigError(f"sample.steps must be in [1, {num_timesteps}], got {steps}")
     if spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     elif spacing == "uniform":
@@ -195,7 +196,7 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
     elif spacing == "quadratic":
         ts = np.unique((np.linspace(0, math.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64))
     else:
-        raise ValueError(
+        raise ConfigError(
             f"sample.spacing: unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}"
         )
     return ts

@@ -76,9 +76,10 @@ def test_loss_weights():
     log_snr = jnp.log(jnp.array([0.1, 1.0, 10.0, 100.0]))
     snr = jnp.exp(log_snr)
     np.testing.assert_allclose(diffusion.loss_weight(log_snr, "eps", "none"), 1.0)
-    np.testing.assert_allclose(diffusion.loss_weight(log_snr, "eps", "min_snr", 5.0), jnp.minimum(snr, 5) / snr, rtol=1e-6)
-    np.testing.assert_allclose(diffusion.loss_weight(log_snr, "x0", "snr"), snr, rtol=1e-6)
-    np.testing.assert_allclose(diffusion.loss_weight(log_snr, "v", "truncated_snr"), jnp.maximum(snr, 1) / (snr + 1), rtol=1e-6)
+    weight = diffusion.loss_weight
+    np.testing.assert_allclose(weight(log_snr, "eps", "min_snr", 5.0), jnp.minimum(snr, 5) / snr, rtol=1e-6)
+    np.testing.assert_allclose(weight(log_snr, "x0", "snr"), snr, rtol=1e-6)
+    np.testing.assert_allclose(weight(log_snr, "v", "truncated_snr"), jnp.maximum(snr, 1) / (snr + 1), rtol=1e-6)
     with pytest.raises(ValueError, match="diffusion.loss_weighting"):
         diffusion.loss_weight(log_snr, "eps", "p2")
     with pytest.raises(ValueError, match="diffusion.prediction: unknown prediction 'score'"):
@@ -99,5 +100,6 @@ def test_simple_loss_is_zero_for_the_exact_denoiser(sched, prediction):
     loss, aux = diffusion.simple_loss(oracle, sched, x0, jax.random.key(0), prediction=prediction, weighting="min_snr")
     assert aux["mse"].shape == (64,)
     assert float(loss) < 1e-6
-    wrong, _ = diffusion.simple_loss(lambda x, t: jnp.zeros_like(x), sched, x0, jax.random.key(0), prediction=prediction)
+    zeros = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    wrong, _ = diffusion.simple_loss(zeros, sched, x0, jax.random.key(0), prediction=prediction)
     assert float(wrong) > 1e-2

@@ -78,7 +78,7 @@ def test_respace_keeps_marginals_and_maps_timesteps():
 
 
 def test_bad_names_and_sizes():
-    with pytest.raises(ValueError, match=r"diffusion.schedule: unknown schedule 'cosin'; choose one of: cosine, linear"):
+    with pytest.raises(ValueError, match=r"diffusion.schedule: unknown schedule 'cosin'; choose one of: cosine, lin"):
         dj.schedules.get("cosin")
     with pytest.raises(ValueError, match="sample.spacing"):
         schedules.space_timesteps(1000, 10, "log")

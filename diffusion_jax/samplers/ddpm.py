@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion, schedules
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.samplers.chain import run_chain
 from diffusion_jax.schedules import Schedule
 
@@ -34,7 +35,7 @@ def ddpm_sample(
     No noise is added at the last step.
     """
     if variance not in VARIANCES:
-        raise ValueError(f"sample.variance: unknown variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
+        raise ConfigError(f"sample.variance: unknown variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
     T = schedule.num_timesteps
     steps = T if steps is None else steps
     if steps != T:

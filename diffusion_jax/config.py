@@ -1,0 +1,87 @@
+"""The base experiment config; every file in `configs/` starts from it.
+
+Fields (each overridable from the command line, e.g. `--config.training.batch_size=8`):
+
+- `seed`: model init, data order, noise and sampling all derive from it.
+- `data`: `name` (digits | cifar10 | swiss_roll | eight_gaussians | two_moons), `image_size`,
+  `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
+- `model`: `name` (unet | mlp) and that model's constructor arguments.
+- `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
+  `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | min_snr), `min_snr_gamma`.
+- `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine),
+  `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
+- `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
+  `keep_checkpoints`, `ema_decays` (one EMA per decay).
+- `sample`: `sampler` (ddpm | ddim), `steps` (None: the sampler's default), `num_samples`,
+  `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
+  options (`eta`, `variance`, `spacing`, `clip_x0`), None meaning the sampler's default.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict(
+        dict(name="digits", image_size=16, data_dir=placeholder(str), random_flip=False)
+    )
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="unet",
+            ch=128,
+            ch_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            dropout=0.1,
+            num_heads=1,
+            use_scale_shift_norm=False,
+            resblock_updown=False,
+            num_classes=placeholder(int),
+            learn_sigma=False,
+        )
+    )
+    config.diffusion = ml_collections.ConfigDict(
+        dict(schedule="linear", num_timesteps=1000, prediction="eps", loss_weighting="none", min_snr_gamma=5.0)
+    )
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adam",
+            learning_rate=2e-4,
+            warmup_steps=5000,
+            schedule="constant",
+            grad_clip_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+        )
+    )
+    config.training = ml_collections.ConfigDict(
+        dict(
+            batch_size=128,
+            num_steps=800_000,
+            log_every=100,
+            checkpoint_every=10_000,
+            sample_every=50_000,
+            keep_checkpoints=3,
+            ema_decays=(0.9999,),
+        )
+    )
+    config.sample = ml_collections.ConfigDict(
+        dict(
+            sampler="ddpm",
+            steps=placeholder(int),
+            num_samples=64,
+            batch_size=64,
+            ema_decay=0.9999,
+            png_scale=1,
+            eta=placeholder(float),
+            variance=placeholder(str),
+            spacing=placeholder(str),
+            clip_x0=1.0,
+        )
+    )
+    return config

@@ -1,0 +1,26 @@
+"""Process-level JAX settings, applied by the entry point before the backend starts."""
+
+import os
+from importlib import metadata
+
+# jaxlib 0.10's default XLA:CPU "ynn" fusions made a Flax U-Net train step 35-40% slower
+# on a 2-core AMD EPYC (shared/notes/perf-2026-11.md). The flag's name changes between
+# jaxlib releases, and XLA aborts on an unknown flag, so it is set only where measured.
+_CPU_FLAGS_BY_JAXLIB = {"0.10.": "--xla_cpu_experimental_ynn_fusion_type="}
+
+
+def configure_xla_flags() -> None:
+    """Adds the measured XLA:CPU flags to XLA_FLAGS unless the user already set them.
+
+    Must run before the first JAX computation (XLA reads its flags at backend start).
+    It does nothing on GPU/TPU runs beyond setting a CPU-only flag.
+    """
+    try:
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    for prefix, flag in _CPU_FLAGS_BY_JAXLIB.items():
+        name = flag.split("=")[0]
+        if version.startswith(prefix) and name not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()

@@ -1,0 +1,30 @@
+"""Sample mode: load the newest checkpoint of a workdir and write samples from it."""
+
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+
+from diffusion_jax.training import experiment
+from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.sampling import generate, save_samples
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path, Path]:
+    """Draws `sample.num_samples` samples with `sample.sampler` from the newest checkpoint.
+
+    Writes `<workdir>/samples/samples_<step>.png` and `.npz`; returns their paths.
+    A workdir with no checkpoint is a `ConfigError` naming --workdir.
+    """
+    exp = experiment.build(config)
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    state = checkpointer.restore(abstract_like(exp.initial_state, exp.replicated))
+    step = int(state.step)
+    logging.info("Sampling %d with %s from step %d", config.sample.num_samples, config.sample.sampler, step)
+    key = jax.random.fold_in(jax.random.fold_in(exp.root_key, 3), step)
+    samples = generate(exp.sample_fn, experiment.sampling_params(config, state), key, config.sample.num_samples)
+    checkpointer.close()
+    paths = save_samples(Path(workdir) / "samples", step, samples, scale=config.sample.png_scale)
+    logging.info("Wrote %s and %s", *paths)
+    return paths

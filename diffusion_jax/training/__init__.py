@@ -1,0 +1,1 @@
+"""The training system: state, optimiser, step, mesh, checkpoints, loop (DESIGN §3)."""

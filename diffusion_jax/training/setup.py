@@ -1,0 +1,100 @@
+"""Builds the pieces of a run from its config: schedule, model, and the model call.
+
+Everything here validates its config fields and fails with a `ConfigError` naming
+the field before anything is compiled.
+"""
+
+import inspect
+from collections.abc import Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from diffusion_jax import diffusion, models, samplers, schedules
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.schedules import Schedule
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
+    """The training schedule `config.diffusion.schedule` with `num_timesteps` steps."""
+    return schedules.get(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> dict:
+    """Constructor arguments: `config.model` (less `name`) plus the data's shape."""
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    if len(example_shape) == 3:  # [H, W, C] images
+        height, width, channels = example_shape
+        if height != width:
+            raise ConfigError(f"data.image_size: images must be square, got {height}x{width}")
+        kwargs.update(image_size=height, in_channels=channels)
+    else:  # [D] vectors
+        kwargs.update(in_features=example_shape[0])
+    return kwargs
+
+
+def build_model(config: ml_collections.ConfigDict, example_shape: tuple[int, ...], key: jax.Array) -> nnx.Module:
+    return models.create(config.model.name, rngs=nnx.Rngs(key), **model_kwargs(config, example_shape))
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params); models must hold nothing but `nnx.Param` state."""
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    if any(jax.tree.leaves(r) for r in rest):
+        raise TypeError(f"{type(model).__name__} holds non-Param state; models must keep only nnx.Param")
+    return graphdef, params
+
+
+def model_apply(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    x: jax.Array,
+    t: jax.Array,
+    cond: jax.Array | None = None,
+    *,
+    train: bool = False,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Calls the model given by (graphdef, params) as a pure function."""
+    model = nnx.merge(graphdef, params)
+    rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+    return model(x, t, cond, train=train, rngs=rngs)
+
+
+def sampler_from_config(sample: ml_collections.ConfigDict) -> tuple[Callable, dict]:
+    """The sampler `sample.sampler` and its options taken from `sample` by name.
+
+    A sampler's keyword-only parameters (`eta`, `variance`, `spacing`, `clip_x0`, ...)
+    are filled from same-named fields of `config.sample` that are not None, so a new
+    sampler gets its options from the config without glue code.
+    """
+    sampler = samplers.get(sample.sampler)
+    params = inspect.signature(sampler).parameters
+    options = {
+        name: sample[name]
+        for name, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name in sample and sample[name] is not None
+    }
+    if sample.get("steps") is not None:
+        options["steps"] = sample.steps
+    return sampler, options
+
+
+def check_config(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> None:
+    """Validates the fields that a run would otherwise first use late (sampling at step N).
+
+    The sampler is traced abstractly (`jax.eval_shape`, nothing compiled) with a
+    stand-in network, which runs all of its option checks.
+    """
+    diffusion.check_prediction(config.diffusion.prediction)
+    diffusion.check_weighting(config.diffusion.loss_weighting)
+    sampler, options = sampler_from_config(config.sample)
+    x_T = jax.ShapeDtypeStruct((1, *example_shape), jax.numpy.float32)
+    prediction = config.diffusion.prediction
+
+    def identity_model(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        return x_t
+
+    key = jax.random.key(0)
+    jax.eval_shape(lambda x: sampler(identity_model, schedule, key, x, prediction=prediction, **options), x_T)

@@ -1,0 +1,43 @@
+"""The train state: one pytree holding everything a run needs to continue exactly."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    """step, params, EMA params (one per decay), optimiser state and the run's base key.
+
+    Per-step randomness is `fold_in(key, step)` (as in VDM and big_vision), so the
+    state needs no RNG updates and a restored run draws the same numbers.
+    """
+
+    step: jax.Array  # int32 []
+    params: nnx.State
+    ema_params: tuple[nnx.State, ...]  # aligned with config.training.ema_decays
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 raw key data; `key` wraps it
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(self.rng)
+
+
+def create(params: nnx.State, tx: optax.GradientTransformation, num_ema: int, key: jax.Array) -> TrainState:
+    """A fresh state at step 0 whose EMAs start at the initial parameters."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_ema)),  # own buffers: donated
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(key),
+    )
+
+
+def update_emas(emas: tuple[nnx.State, ...], params: nnx.State, decays: Sequence[float]) -> tuple[nnx.State, ...]:
+    """ema <- decay * ema + (1 - decay) * params, for each decay (Polyak averaging)."""
+    return tuple(optax.incremental_update(params, ema, 1.0 - decay) for ema, decay in zip(emas, decays, strict=True))

@@ -1,0 +1,65 @@
+"""The train step: a pure function of (state, batch), written once for every mesh."""
+
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from diffusion_jax import diffusion
+from diffusion_jax.schedules import Schedule
+from diffusion_jax.training.setup import model_apply
+from diffusion_jax.training.state import TrainState, update_emas
+
+Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    schedule: Schedule,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
+
+    The loss is `diffusion.simple_loss` on the global batch. Under `jax.jit` with the
+    batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
+    step runs on 1 or N devices (no shard_map, hence none of its pmean-after-grad
+    trap, shared/notes/stack-2026-11.md).
+    """
+    class_conditional = config.model.get("num_classes") is not None
+    decays = tuple(config.training.ema_decays)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+        cond = batch["label"] if class_conditional else None
+
+        def loss_fn(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+            def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+                return model_apply(graphdef, params, x_t, t, cond, train=True, dropout_key=dropout_key)
+
+            return diffusion.simple_loss(
+                model_fn,
+                schedule,
+                batch["image"],
+                loss_key,
+                prediction=config.diffusion.prediction,
+                weighting=config.diffusion.loss_weighting,
+                min_snr_gamma=config.diffusion.min_snr_gamma,
+            )
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            ema_params=update_emas(state.ema_params, params, decays),
+            opt_state=opt_state,
+        )
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": lr_schedule(state.step)}
+        return new_state, metrics
+
+    return train_step
