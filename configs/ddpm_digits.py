@@ -23,10 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 200
     config.training.batch_size = 64
-    config.training.num_steps = 2000
+    config.training.num_steps = 1500
     config.training.log_every = 100
     config.training.checkpoint_every = 500
-    config.training.sample_every = 1000
+    config.training.sample_every = 500
     config.training.ema_decays = (0.995,)
     config.sample.ema_decay = 0.995
     config.sample.sampler = "ddim"

@@ -15,7 +15,7 @@ from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
-from diffusion_jax.training.setup import build_model, build_schedule, check_config, split_model
+from diffusion_jax.training.setup import build_model, build_schedule, check_config
 
 
 class Experiment(NamedTuple):
@@ -43,9 +43,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     schedule = build_schedule(config)
     example_shape = data.example_shape(config.data)
     root_key = jax.random.key(config.seed)
-    model = build_model(config, example_shape, jax.random.fold_in(root_key, 0))
+    graphdef, init_params = build_model(config, example_shape)
     check_config(config, schedule, example_shape)
-    graphdef, params = split_model(model)
+    params = init_params(jax.random.fold_in(root_key, 0))
     mesh = mesh_lib.make_data_mesh()
     batch_sharding = mesh_lib.batch_sharding(mesh)
     tx = optimizer.make_optimizer(config.optim, config.training.num_steps)

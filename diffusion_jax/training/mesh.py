@@ -1,16 +1,19 @@
 """The device mesh and the shardings of the train state and the batches."""
 
+from collections.abc import Sequence
+
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
-def make_data_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, axis 'data'.
+def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process), axis 'data'.
 
     Auto axis types: shardings are propagated by XLA (`jax.make_mesh` now defaults
     to Explicit, shared/notes/stack-2026-11.md surprise 1).
     """
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,46 @@
+"""Denoising networks, registered by name for configs (`model.name`).
+
+Every model is a Flax NNX module called as
+`model(x, t, cond=None, train=False, *, rngs=None)` and returns an array shaped
+like `x` (twice the channels with `learn_sigma=True`). Models hold only
+`nnx.Param` state; dropout keys come from the call (`rngs=nnx.Rngs(dropout=key)`).
+"""
+
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from diffusion_jax.models import layers
+from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.unet import UNet
+from diffusion_jax.registry import Registry
+
+MODELS: Registry[type[nnx.Module]] = Registry("model", "model.name")
+MODELS.register("mlp")(MLP)
+MODELS.register("unet")(UNet)
+
+
+def create(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """Build the model registered as `name` with constructor arguments `kwargs`.
+
+    An unknown name raises ValueError naming `model.name` and the choices.
+    """
+    return MODELS.get(name)(rngs=rngs, **kwargs)
+
+
+def names() -> list[str]:
+    """The registered model names, sorted."""
+    return MODELS.names()
+
+
+def count_params(make: Callable[[], nnx.Module]) -> int:
+    """Number of parameters of the model `make()` builds, found with `nnx.eval_shape`.
+
+    Nothing is allocated: e.g. `count_params(lambda: create("unet", rngs=nnx.Rngs(0), ...))`.
+    """
+    abstract = nnx.eval_shape(make)
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+__all__ = ["MLP", "MODELS", "UNet", "count_params", "create", "layers", "names"]

@@ -1,0 +1,395 @@
+"""The DDPM / ADM U-Net in Flax NNX, NHWC.
+
+Ho et al. 2020 (arXiv 2006.11239, Appendix B; diffusion_tf/models/unet.py) with
+the options of ADM (Dhariwal & Nichol 2021, arXiv 2105.05233, §3): multi-head
+attention, scale-shift norm (AdaGN) and up/downsampling inside residual blocks.
+With Ho's CIFAR-10 settings it has Ho's 35,746,307 parameters.
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import DTypeLike
+
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.layers import (
+    ConditionEmbedder,
+    default_init,
+    group_norm,
+    linear,
+    zeros_init,
+)
+
+Direction = Literal["down", "up"]
+
+
+def _conv3x3(
+    in_ch: int,
+    out_ch: int,
+    *,
+    stride: int = 1,
+    zero_init: bool = False,
+    rngs: nnx.Rngs,
+    dtype: DTypeLike,
+) -> nnx.Conv:
+    """3x3 SAME convolution with Ho et al.'s initialisation (zero for output convs)."""
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (3, 3),
+        strides=stride,
+        padding="SAME",
+        kernel_init=zeros_init if zero_init else default_init,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def _upsample_nearest(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H/2, W/2, C], 2x2 mean (ADM's Downsample without conv)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class ResBlock(nnx.Module):
+    """Residual block with a timestep-embedding input (Ho et al. `resnet_block`; ADM `ResBlock`).
+
+    h = conv1(SiLU(GN(x))); then either h = GN(h + Linear(SiLU(emb))) (DDPM) or
+    h = GN(h) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(emb)) (ADM's
+    AdaGN); out = skip(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised and
+    skip a 1x1 projection when the width changes. With `resample`, ADM resamples h
+    and x after the first norm: 2x2 average pool ('down') or nearest x2 ('up').
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        emb_dim: int,
+        dropout: float,
+        use_scale_shift_norm: bool,
+        resample: Direction | None = None,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike = jnp.float32,
+    ):
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resample = resample
+        self.norm1 = group_norm(in_ch, rngs=rngs, dtype=dtype)
+        self.conv1 = _conv3x3(in_ch, out_ch, rngs=rngs, dtype=dtype)
+        emb_out = 2 * out_ch if use_scale_shift_norm else out_ch
+        self.emb_proj = linear(emb_dim, emb_out, rngs=rngs, dtype=dtype)
+        self.norm2 = group_norm(out_ch, rngs=rngs, dtype=dtype)
+        self.dropout = nnx.Dropout(dropout)
+        self.conv2 = _conv3x3(out_ch, out_ch, zero_init=True, rngs=rngs, dtype=dtype)
+        self.skip = linear(in_ch, out_ch, rngs=rngs, dtype=dtype) if in_ch != out_ch else None
+
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """x: [B, H, W, in_ch], emb: [B, emb_dim] -> [B, H', W', out_ch]."""
+        h = nnx.silu(self.norm1(x))
+        if self.resample == "down":
+            h, x = _avg_pool(h), _avg_pool(x)
+        elif self.resample == "up":
+            h, x = _upsample_nearest(h), _upsample_nearest(x)
+        h = self.conv1(h)  # [B, H', W', out_ch]
+        e = self.emb_proj(nnx.silu(emb))[:, None, None, :]  # [B, 1, 1, emb_out]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.dropout(nnx.silu(h), deterministic=not train, rngs=rngs)
+        h = self.conv2(h)
+        if self.skip is not None:
+            x = self.skip(x)
+        return x + h
+
+
+class AttentionBlock(nnx.Module):
+    """Self-attention over the H*W positions, residual (Ho `attn_block`; ADM `AttentionBlock`).
+
+    GN -> qkv projection -> `jax.nn.dot_product_attention` -> zero-initialised
+    output projection, added to the input.
+    """
+
+    def __init__(self, channels: int, *, num_heads: int, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
+        self.num_heads = num_heads
+        self.norm = group_norm(channels, rngs=rngs, dtype=dtype)
+        self.qkv = linear(channels, 3 * channels, rngs=rngs, dtype=dtype)
+        self.proj_out = linear(channels, channels, zero_init=True, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, H, W, C]."""
+        b, h, w, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, C/N]
+        out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, C/N]
+        return x + self.proj_out(out.reshape(b, h, w, c))
+
+
+class Stage(nnx.Module):
+    """One entry of the down or up path: a ResBlock, then attention at the chosen resolutions."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None):
+        self.res = res
+        self.attn = attn
+
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        """[B, H, W, in_ch] -> [B, H, W, out_ch]."""
+        h = self.res(x, emb, train, rngs)
+        return h if self.attn is None else self.attn(h)
+
+
+class Resample(nnx.Module):
+    """x2 down- or upsampling between levels.
+
+    DDPM: a 3x3 conv with stride 2 ('down'), or nearest x2 then a 3x3 conv ('up').
+    ADM with `resblock_updown`: a ResBlock that resamples internally.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        direction: Direction,
+        *,
+        resblock: bool,
+        emb_dim: int,
+        dropout: float,
+        use_scale_shift_norm: bool,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike = jnp.float32,
+    ):
+        self.direction = direction
+        if resblock:
+            self.block = ResBlock(
+                channels,
+                channels,
+                emb_dim=emb_dim,
+                dropout=dropout,
+                use_scale_shift_norm=use_scale_shift_norm,
+                resample=direction,
+                rngs=rngs,
+                dtype=dtype,
+            )
+            self.conv = None
+        else:
+            self.block = None
+            stride = 2 if direction == "down" else 1
+            self.conv = _conv3x3(channels, channels, stride=stride, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        """[B, H, W, C] -> [B, H/2, W/2, C] ('down') or [B, 2H, 2W, C] ('up')."""
+        if self.block is not None:
+            return self.block(x, emb, train, rngs)
+        if self.direction == "up":
+            x = _upsample_nearest(x)
+        return self.conv(x)
+
+
+class Level(nnx.Module):
+    """The stages at one resolution and the resampling that leaves it (None at the end)."""
+
+    def __init__(self, stages: list[Stage], resample: Resample | None):
+        self.stages = nnx.List(stages)
+        self.resample = resample
+
+
+def _fmt(values: Sequence[int]) -> str:
+    return "(" + ",".join(str(v) for v in values) + ")"
+
+
+class UNet(nnx.Module):
+    """The DDPM / ADM U-Net denoiser for NHWC images.
+
+    conv_in -> per level: `num_res_blocks` ResBlocks (+attention at
+    `attn_resolutions`), then downsampling except after the last level -> middle
+    ResBlock, attention, ResBlock -> per level in reverse: `num_res_blocks + 1`
+    ResBlocks on [h, skip] concatenations (+attention), then upsampling except
+    after the first level -> GN -> SiLU -> zero-initialised conv_out
+    (Ho et al. 2020, Appendix B; Dhariwal & Nichol 2021).
+
+    Args:
+        image_size: height = width of the input.
+        in_channels: channels of the input (and of the prediction).
+        ch: base width; level i has ch * ch_mult[i] channels, the time embedding 4 * ch.
+        ch_mult: width multipliers, one per resolution level.
+        num_res_blocks: ResBlocks per level on the down path (one more on the up path).
+        attn_resolutions: spatial sizes (in pixels) at which attention follows each ResBlock.
+        dropout: dropout rate inside the ResBlocks.
+        num_heads: attention heads, used when `num_head_channels` is None.
+        num_head_channels: channels per head (ADM); overrides `num_heads`.
+        use_scale_shift_norm: ADM's AdaGN conditioning instead of adding the embedding.
+        resblock_updown: resample with ResBlocks (ADM) instead of convolutions (DDPM).
+        num_classes: enables class conditioning with a null label (index num_classes).
+        learn_sigma: also output the variance interpolation v of improved DDPM
+            (Nichol & Dhariwal 2021), doubling the output channels.
+        rngs: parameter initialisation keys; the model keeps no RNG state.
+        dtype: computation dtype; parameters stay float32.
+
+    Raises:
+        ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
+            attention resolution is never visited, or heads do not divide the channels.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        num_head_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        num_classes: int | None = None,
+        learn_sigma: bool = False,
+        *,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike = jnp.float32,
+    ):
+        ch_mult = tuple(ch_mult)
+        attn_resolutions = tuple(attn_resolutions)
+        if not ch_mult:
+            raise ConfigError("model.ch_mult: needs at least one level, e.g. (1, 2, 2, 2)")
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor:
+            raise ConfigError(
+                f"data.image_size: {image_size} cannot be halved {len(ch_mult) - 1} times by "
+                f"model.ch_mult={_fmt(ch_mult)}; use a multiple of {factor}"
+            )
+        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+        unvisited = [r for r in attn_resolutions if r not in resolutions]
+        if unvisited:
+            raise ConfigError(
+                f"model.attn_resolutions: {_fmt(unvisited)} never visited; with "
+                f"data.image_size={image_size} and model.ch_mult={_fmt(ch_mult)} the U-Net "
+                f"visits {', '.join(map(str, resolutions))}"
+            )
+        attn_channels = {ch * m for m, r in zip(ch_mult, resolutions, strict=True) if r in attn_resolutions}
+        attn_channels.add(ch * ch_mult[-1])  # the middle block always attends
+        for c in sorted(attn_channels):
+            if num_head_channels is not None and c % num_head_channels:
+                raise ConfigError(
+                    f"model.num_head_channels: {num_head_channels} does not divide the {c} "
+                    f"channels of an attention block; use a divisor of {c}"
+                )
+            if num_head_channels is None and c % num_heads:
+                raise ConfigError(
+                    f"model.num_heads: {num_heads} does not divide the {c} channels of an "
+                    f"attention block; use a divisor of {c}"
+                )
+
+        def heads(c: int) -> int:
+            return num_heads if num_head_channels is None else c // num_head_channels
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        emb_dim = 4 * ch
+        res_kw = dict(
+            emb_dim=emb_dim,
+            dropout=dropout,
+            use_scale_shift_norm=use_scale_shift_norm,
+            rngs=rngs,
+            dtype=dtype,
+        )
+
+        def stage(cin: int, cout: int, res: int) -> Stage:
+            res_block = ResBlock(cin, cout, **res_kw)
+            attn = (
+                AttentionBlock(cout, num_heads=heads(cout), rngs=rngs, dtype=dtype) if res in attn_resolutions else None
+            )
+            return Stage(res_block, attn)
+
+        def resample(c: int, direction: Direction) -> Resample:
+            return Resample(c, direction, resblock=resblock_updown, **res_kw)
+
+        self.cond = ConditionEmbedder(ch, emb_dim, num_classes, rngs=rngs, dtype=dtype)
+        self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
+
+        skip_chans = [ch]  # widths of the activations the up path will concatenate
+        cur = ch
+        down = []
+        for i, (mult, res) in enumerate(zip(ch_mult, resolutions, strict=True)):
+            stages = []
+            for _ in range(num_res_blocks):
+                stages.append(stage(cur, ch * mult, res))
+                cur = ch * mult
+                skip_chans.append(cur)
+            last = i == len(ch_mult) - 1
+            down.append(Level(stages, None if last else resample(cur, "down")))
+            if not last:
+                skip_chans.append(cur)
+        self.down = nnx.List(down)
+
+        self.mid_block1 = ResBlock(cur, cur, **res_kw)
+        self.mid_attn = AttentionBlock(cur, num_heads=heads(cur), rngs=rngs, dtype=dtype)
+        self.mid_block2 = ResBlock(cur, cur, **res_kw)
+
+        up = []
+        for i in reversed(range(len(ch_mult))):
+            stages = []
+            for _ in range(num_res_blocks + 1):
+                stages.append(stage(cur + skip_chans.pop(), ch * ch_mult[i], resolutions[i]))
+                cur = ch * ch_mult[i]
+            up.append(Level(stages, None if i == 0 else resample(cur, "up")))
+        self.up = nnx.List(up)
+
+        self.norm_out = group_norm(cur, rngs=rngs, dtype=dtype)
+        out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.conv_out = _conv3x3(cur, out_channels, zero_init=True, rngs=rngs, dtype=dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        cond: jax.Array | None = None,
+        train: bool = False,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Predict from noisy images.
+
+        Args:
+            x: [B, H, W, C] noisy images, H = W = image_size, C = in_channels.
+            t: [B] timesteps (int indices or continuous times), embedded as given.
+            cond: [B] int class labels, num_classes for the null label; None = all null.
+            train: enables dropout, whose keys come from `rngs` ('dropout' stream).
+            rngs: e.g. `nnx.Rngs(dropout=key)`; may be None when not training.
+
+        Returns:
+            [B, H, W, C], or [B, H, W, 2C] with learn_sigma (mean output, then variance output).
+        """
+        expected = (self.image_size, self.image_size, self.in_channels)
+        if x.shape[1:] != expected:
+            raise ValueError(f"x: UNet expects [B, {', '.join(map(str, expected))}], got {x.shape}")
+        emb = self.cond(t, cond)  # [B, 4ch]
+        h = self.conv_in(x)  # [B, H, W, ch]
+        hs = [h]
+        for level in self.down:
+            for stage in level.stages:
+                h = stage(h, emb, train, rngs)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb, train, rngs)
+                hs.append(h)
+        h = self.mid_block1(h, emb, train, rngs)
+        h = self.mid_attn(h)
+        h = self.mid_block2(h, emb, train, rngs)
+        for level in self.up:
+            for stage in level.stages:
+                h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs)
+            if level.resample is not None:
+                h = level.resample(h, emb, train, rngs)
+        h = self.conv_out(nnx.silu(self.norm_out(h)))  # [B, H, W, C or 2C]
+        return h.astype(x.dtype)

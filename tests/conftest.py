@@ -1,0 +1,60 @@
+"""Test-wide setup: 8 simulated CPU devices (for sharded code) and shared fixtures.
+
+XLA reads its flags when JAX starts its backend, so they are set here, before any
+test module runs a JAX computation.
+"""
+
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+
+from diffusion_jax.runtime import configure_xla_flags  # noqa: E402
+
+configure_xla_flags()
+
+import jax  # noqa: E402
+
+# Tests build the same tiny programs many times (each train() call traces new closures);
+# the persistent cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from diffusion_jax.config import base_config  # noqa: E402
+from diffusion_jax.data import prepare_digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tfds data dir with the embedded digits prepared once for the whole session."""
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    prepare_digits(directory)
+    return directory
+
+
+def tiny_digits_config(data_dir: str) -> ml_collections.ConfigDict:
+    """A digits run small enough to compile and train in seconds: 8x8, a 2-level U-Net."""
+    config = base_config()
+    config.data.update(name="digits", image_size=8, data_dir=data_dir)
+    config.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+    config.diffusion.num_timesteps = 100
+    config.optim.update(learning_rate=1e-3, warmup_steps=2)
+    config.training.update(
+        batch_size=16, num_steps=4, log_every=2, checkpoint_every=2, sample_every=4, ema_decays=(0.9, 0.99)
+    )
+    config.sample.update(sampler="ddim", steps=5, num_samples=8, batch_size=8, ema_decay=0.99)
+    return config
+
+
+def swissroll_config() -> ml_collections.ConfigDict:
+    """configs/ddpm_swissroll.py, loaded as the entry point loads it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ddpm_swissroll.py")
+    spec = importlib.util.spec_from_file_location("ddpm_swissroll", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
