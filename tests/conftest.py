@@ -4,6 +4,7 @@ XLA reads its flags when JAX starts its backend, so they are set here, before an
 test module runs a JAX computation.
 """
 
+import importlib.util
 import os
 import tempfile
 
@@ -49,12 +50,14 @@ def tiny_digits_config(data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def swissroll_config() -> ml_collections.ConfigDict:
-    """configs/ddpm_swissroll.py, loaded as the entry point loads it."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ddpm_swissroll.py")
-    spec = importlib.util.spec_from_file_location("ddpm_swissroll", path)
+def load_config(name: str) -> ml_collections.ConfigDict:
+    """configs/<name>.py, loaded from its file as the entry point loads it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def swissroll_config() -> ml_collections.ConfigDict:
+    return load_config("ddpm_swissroll")

@@ -1,0 +1,36 @@
+"""The shipped configs: each builds, and the paper configs hold the paper's settings."""
+
+import jax
+import pytest
+from conftest import load_config
+from flax import nnx
+
+from diffusion_jax import data, models
+from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_kwargs
+
+
+@pytest.mark.parametrize("name", ["ddpm_cifar", "ddpm_digits", "ddpm_swissroll"])
+def test_config_builds_abstractly(name):
+    config = load_config(name)
+    shape = data.example_shape(config.data)
+    schedule = build_schedule(config)
+    graphdef, _ = build_model(config, shape)  # constructor checks, nothing allocated
+    check_config(config, schedule, shape)
+    assert graphdef is not None
+
+
+def test_ddpm_cifar_is_ho_et_al():
+    c = load_config("ddpm_cifar")
+    assert (c.data.name, c.data.image_size, c.data.random_flip) == ("cifar10", 32, True)
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.prediction) == ("linear", 1000, "eps")
+    assert c.diffusion.loss_weighting == "none"  # L_simple
+    optim = c.optim
+    assert (optim.name, optim.learning_rate, optim.warmup_steps, optim.grad_clip_norm) == ("adam", 2e-4, 5000, 1)
+    assert (c.training.batch_size, c.training.num_steps, tuple(c.training.ema_decays)) == (128, 800_000, (0.9999,))
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert (tuple(c.model.attn_resolutions), c.model.dropout) == ((16,), 0.1)
+    kwargs = model_kwargs(c, data.example_shape(c.data))
+    n = models.count_params(lambda: models.create(c.model.name, rngs=nnx.Rngs(0), **kwargs))
+    assert abs(n - 35.7e6) < 0.1e6, n
+    betas = build_schedule(c).betas
+    assert jax.numpy.allclose(jax.numpy.stack([betas[0], betas[-1]]), jax.numpy.array([1e-4, 0.02]))
