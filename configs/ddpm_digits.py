@@ -3,7 +3,7 @@
     python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits
 
 Sized to finish on a 2-core CPU in under 10 minutes: a small U-Net, Ho et al.'s
-linear schedule and L_simple, and a 100-step DDIM sampler for the sample grids.
+linear schedule and L_simple, and ancestral sampling respaced to 100 steps.
 """
 
 import ml_collections
@@ -29,7 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every = 500
     config.training.ema_decays = (0.995,)
     config.sample.ema_decay = 0.995
-    config.sample.sampler = "ddim"
+    # Ancestral sampling respaced to 100 steps (improved DDPM §4). After this short a
+    # training, deterministic DDIM (eta = 0) leaves visible noise in some digits; the
+    # stochastic sampler corrects it.
+    config.sample.sampler = "ddpm"
     config.sample.steps = 100
     config.sample.num_samples = 64
     config.sample.batch_size = 64
