@@ -40,6 +40,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     start_step = int(state.step)
+    if start_step >= training.num_steps:
+        logging.info("Already at step %d of training.num_steps=%d: nothing to train", start_step, training.num_steps)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "Model %s: %.2fM parameters; %d device(s), mesh %s", config.model.name, num_params / 1e6,
