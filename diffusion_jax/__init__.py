@@ -6,9 +6,13 @@ The pure core, for notebooks:
     sched = dj.schedules.get("cosine", num_timesteps=1000)
     x_t = dj.diffusion.q_sample(sched, x0, t, noise)
     x0 = dj.samplers.get("ddim")(model_fn, sched, key, x_T, steps=50, prediction="eps")
+    unet = dj.models.create("unet", rngs=flax.nnx.Rngs(0), image_size=32, in_channels=3)
+
+The data pipeline (`diffusion_jax.data`) and the training system
+(`diffusion_jax.training`) are imported on their own.
 """
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, models, samplers, schedules
 
-__all__ = ["diffusion", "samplers", "schedules"]
+__all__ = ["diffusion", "models", "samplers", "schedules"]
 __version__ = "0.1.0"

@@ -149,6 +149,8 @@ def test_warmup_schedule():
         ("sample.spacing", "log", "sample.spacing: unknown spacing 'log'"),
         ("sample.ema_decay", 0.5, "sample.ema_decay"),
         ("optim.name", "sgd", "optim.name: unknown optimizer 'sgd'"),
+        ("model.learn_sigma", True, "model.learn_sigma"),
+        ("diffusion.prediction", "score", "diffusion.prediction: unknown prediction 'score'"),
     ],
 )
 def test_bad_config_fails_before_compiling(digits_data_dir, field, value, message):

@@ -104,6 +104,11 @@ def check_config(config: ml_collections.ConfigDict, schedule: Schedule, example_
     """
     diffusion.check_prediction(config.diffusion.prediction)
     diffusion.check_weighting(config.diffusion.loss_weighting)
+    if config.model.get("learn_sigma"):
+        raise ConfigError(
+            "model.learn_sigma: a learned variance needs improved DDPM's hybrid loss and a learned-variance "
+            "sampler, which this version does not have; set model.learn_sigma=False"
+        )
     sampler, options = sampler_from_config(config.sample)
     x_T = jax.ShapeDtypeStruct((1, *example_shape), jax.numpy.float32)
     prediction = config.diffusion.prediction
