@@ -11,7 +11,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
-  `keep_checkpoints`, `ema_decays` (one EMA per decay).
+  `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
+  non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update).
 - `sample`: `sampler` (ddpm | ddim), `steps` (None: the sampler's default), `num_samples`,
   `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
   options (`eta`, `variance`, `spacing`, `clip_x0`), None meaning the sampler's default.
@@ -68,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
             sample_every=50_000,
             keep_checkpoints=3,
             ema_decays=(0.9999,),
+            on_nonfinite="stop",
         )
     )
     config.sample = ml_collections.ConfigDict(

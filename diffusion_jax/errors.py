@@ -7,3 +7,11 @@ class ConfigError(ValueError):
     The entry point prints it without a traceback; anything else is a bug and
     keeps its traceback.
     """
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (e.g. a non-finite loss under `training.on_nonfinite='stop'`).
+
+    The entry point prints its one-line message and exits non-zero; what was
+    already saved is kept.
+    """

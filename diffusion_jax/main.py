@@ -4,10 +4,11 @@ Flags: `--config` (an ml_collections config file; override any field with
 `--config.training.num_steps=100`), `--workdir`, `--mode=train|sample`.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from diffusion_jax.runtime import configure_xla_flags
 
@@ -18,12 +19,38 @@ flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train (resuming 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelled `--config.<path>` override as a one-line error.
+
+    ml_collections raises a KeyError, AttributeError or TypeError (with a traceback) for an
+    override of a field the config does not have; this names the flag and lists
+    the fields at the level that failed. Other flag errors keep absl's message.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError):
+        config_file = flags.FlagValues()  # only --config, to load the config the overrides apply to
+        flags.DEFINE_string("config", None, "", flag_values=config_file)
+        config_file(argv, known_only=True)
+        config = FLAGS["config"].parser.parse(config_file.config)
+        for override in (m[1] for m in map(re.compile(r"-{1,2}(?:no)?config\.([^=]+)").match, argv) if m):
+            node, keys, error = config, override.split("."), f"error: --config.{override}:"
+            for depth, key in enumerate(keys):
+                path = ".".join(["config", *keys[:depth]]) if depth else "the config"
+                if not isinstance(node, ConfigDict):
+                    sys.exit(f"{error} {path} is {node!r}, not a section with fields")
+                if key not in node:
+                    sys.exit(f"{error} no field {key!r} in {path}; its fields are: {', '.join(node)}")
+                node = node[key]
+        raise
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     configure_xla_flags()  # before JAX starts its backend
     # Imported here so that the XLA flags above are set before anything touches JAX.
-    from diffusion_jax.errors import ConfigError
+    from diffusion_jax.errors import ConfigError, TrainingStopped
     from diffusion_jax.sample import sample
     from diffusion_jax.training.loop import train
 
@@ -37,9 +64,9 @@ def main(argv: list[str]) -> None:
             train(FLAGS.config, FLAGS.workdir)
         else:
             sample(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
+    except (ConfigError, TrainingStopped) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

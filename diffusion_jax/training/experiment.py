@@ -16,6 +16,7 @@ from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
 from diffusion_jax.training.setup import build_model, build_schedule, check_config
+from diffusion_jax.validation import validate_config
 
 
 class Experiment(NamedTuple):
@@ -37,8 +38,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
     Every config field is validated here, before anything is compiled.
     """
-    if config.training.num_steps < 1:
-        raise ConfigError(f"training.num_steps must be >= 1, got {config.training.num_steps}")
+    validate_config(config, jax.device_count(), jax.process_count())
     ema_index(config)
     schedule = build_schedule(config)
     example_shape = data.example_shape(config.data)

@@ -1,15 +1,18 @@
-"""The training loop: build, resume, step, log, checkpoint, sample."""
+"""The training loop: build, resume, step, log, checkpoint, sample; stop cleanly when asked."""
 
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from diffusion_jax import data
+from diffusion_jax.errors import TrainingStopped
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.preemption import PreemptionWatcher
 from diffusion_jax.training.sampling import generate, save_samples
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.step import make_train_step
@@ -20,11 +23,51 @@ def _every(step: int, period: int, last: int) -> bool:
     return step == last or (period > 0 and step % period == 0)
 
 
+class _Metrics:
+    """Per-step metrics stay on the device until a sync point (log, checkpoint, sample).
+
+    `drain` fetches them in one transfer and enforces `training.on_nonfinite`: under
+    'stop' a non-finite step raises before anything else is written; under 'skip' the
+    step's update was already dropped inside the train step and is only counted.
+    """
+
+    def __init__(self, on_nonfinite: str):
+        self.on_nonfinite = on_nonfinite
+        self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self._host: list[dict[str, float]] = []
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._pending.append((step, metrics))
+
+    def drain(self, last_saved: int | None) -> None:
+        steps = [s for s, _ in self._pending]
+        fetched = jax.device_get([m for _, m in self._pending])
+        self._pending = []
+        for step, metrics in zip(steps, fetched, strict=True):
+            if metrics["nonfinite"]:
+                if self.on_nonfinite == "stop":
+                    kept = f"the newest checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint yet"
+                    raise TrainingStopped(
+                        f"non-finite loss or gradient at step {step} (loss {metrics['loss']}, grad_norm "
+                        f"{metrics['grad_norm']}); training.on_nonfinite='stop': stopped, {kept}"
+                    )
+                logging.warning("Non-finite loss or gradient at step %d: update skipped", step)
+            self._host.append(metrics)
+
+    def averages(self) -> dict[str, float]:
+        """Means over the steps since the last call; 'nonfinite' is a count of skipped steps."""
+        host, self._host = self._host, []
+        out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+        out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
+        return out
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
+    """Trains `config` in `workdir`, resuming from its newest good checkpoint if there is one.
 
     Writes `config.json`, `checkpoints/`, TensorBoard events, `metrics.jsonl` and
-    `samples/` (DESIGN §4 'Workdir'). Returns the final train state.
+    `samples/` (DESIGN §4 'Workdir'). On SIGTERM (or a multi-host preemption notice)
+    it saves the current step and returns. Returns the final train state.
     """
     workdir = Path(workdir)
     exp = experiment.build(config)  # validates the whole config before compiling
@@ -32,22 +75,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     training = config.training
 
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_like(exp.initial_state, exp.replicated))
-        logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
-    else:
-        state = jax.device_put(exp.initial_state, exp.replicated)
-        if jax.process_index() == 0:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    try:
+        state = checkpointer.restore_or_none(abstract_like(exp.initial_state, exp.replicated))
+        if state is None:
+            state = jax.device_put(exp.initial_state, exp.replicated)
+            if jax.process_index() == 0:
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        else:
+            logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
+        return _run(config, workdir, exp, state, checkpointer, writer)
+    finally:
+        checkpointer.close()  # waits for async saves to finish
+        writer.close()
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    exp: experiment.Experiment,
+    state: TrainState,
+    checkpointer: Checkpointer,
+    writer: MetricWriter,
+) -> TrainState:
+    training = config.training
     start_step = int(state.step)
     if start_step >= training.num_steps:
         logging.info("Already at step %d of training.num_steps=%d: nothing to train", start_step, training.num_steps)
+        return state
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "Model %s: %.2fM parameters; %d device(s), mesh %s", config.model.name, num_params / 1e6,
         jax.device_count(), dict(exp.mesh.shape),
     )
-
     batches = data.create_iterator(
         config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
         sharding=exp.batch_sharding,
@@ -58,40 +118,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         out_shardings=(exp.replicated, exp.replicated),
         donate_argnums=0,
     )
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     progress = Progress(start_step, training.num_steps)
+    metrics = _Metrics(training.on_nonfinite)
     sample_key = jax.random.fold_in(exp.root_key, 2)
-    pending = []
+    last_saved = checkpointer.latest_step()
     started = time.perf_counter()
 
-    for step in range(start_step + 1, training.num_steps + 1):
-        state, metrics = train_step(state, next(batches))
-        pending.append(metrics)
-        if step == start_step + 1:
-            jax.block_until_ready(state.step)
-            logging.info("First step (with compilation) took %.1fs", time.perf_counter() - started)
-            progress.update(step)
-        if _every(step, training.log_every, training.num_steps):
-            host = jax.device_get(pending)
-            pending = []
-            scalars = {k: float(sum(m[k] for m in host) / len(host)) for k in host[0]}
-            progress.update(step)
-            scalars["steps_per_sec"] = progress.steps_per_sec
-            writer.write_scalars(step, scalars)
-            logging.info(progress.line(step, {k: scalars[k] for k in ("loss", "grad_norm")}))
-        if _every(step, training.checkpoint_every, training.num_steps):
-            checkpointer.save(step, state, config)
-        if _every(step, training.sample_every, training.num_steps):
-            with progress.excluded():
-                samples = generate(
-                    exp.sample_fn, experiment.sampling_params(config, state), jax.random.fold_in(sample_key, step),
-                    config.sample.num_samples,
-                )
-                if jax.process_index() == 0:
-                    png, _ = save_samples(workdir / "samples", step, samples, scale=config.sample.png_scale)
-                    logging.info("Wrote %s", png)
-
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    with PreemptionWatcher() as preemption:
+        for step in range(start_step + 1, training.num_steps + 1):
+            state, step_metrics = train_step(state, next(batches))
+            metrics.add(step, step_metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(state.step)
+                logging.info("First step (with compilation) took %.1fs", time.perf_counter() - started)
+                progress.update(step)
+            if preemption.should_stop(step):
+                metrics.drain(last_saved)
+                checkpointer.save(step, state, config)
+                checkpointer.wait()
+                logging.info("Preempted: saved the checkpoint of step %d in %s; exiting", step, checkpointer.directory)
+                return state
+            if _every(step, training.log_every, training.num_steps):
+                metrics.drain(last_saved)
+                progress.update(step)
+                scalars = metrics.averages() | {"steps_per_sec": progress.steps_per_sec}
+                writer.write_scalars(step, scalars)
+                logging.info(progress.line(step, {k: scalars[k] for k in ("loss", "grad_norm")}))
+            if _every(step, training.checkpoint_every, training.num_steps):
+                metrics.drain(last_saved)
+                checkpointer.save(step, state, config)
+                last_saved = step
+            if _every(step, training.sample_every, training.num_steps):
+                metrics.drain(last_saved)
+                with progress.excluded():
+                    params = experiment.sampling_params(config, state)
+                    samples = generate(exp.sample_fn, params, jax.random.fold_in(sample_key, step),
+                                       config.sample.num_samples)
+                    if jax.process_index() == 0:
+                        png, _ = save_samples(workdir / "samples", step, samples, scale=config.sample.png_scale)
+                        logging.info("Wrote %s", png)
     return state

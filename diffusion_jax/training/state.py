@@ -21,6 +21,7 @@ class TrainState:
     ema_params: tuple[nnx.State, ...]  # aligned with config.training.ema_decays
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data; `key` wraps it
+    skipped_steps: jax.Array  # int32 []: steps whose update was dropped as non-finite
 
     @property
     def key(self) -> jax.Array:
@@ -35,6 +36,7 @@ def create(params: nnx.State, tx: optax.GradientTransformation, num_ema: int, ke
         ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_ema)),  # own buffers: donated
         opt_state=tx.init(params),
         rng=jax.random.key_data(key),
+        skipped_steps=jnp.zeros((), jnp.int32),
     )
 
 

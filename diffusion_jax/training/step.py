@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -51,15 +52,26 @@ def make_train_step(
             )
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            ema_params=update_emas(state.ema_params, params, decays),
-            opt_state=opt_state,
+        updated = state.replace(
+            params=params, ema_params=update_emas(state.ema_params, params, decays), opt_state=opt_state
         )
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": lr_schedule(state.step)}
+        # A non-finite loss or gradient drops the whole update: params, EMAs and optimiser
+        # state stay as they were, and the step still advances (the loop decides, from
+        # training.on_nonfinite, whether to go on).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        new_state = new_state.replace(
+            step=state.step + 1, skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr_schedule(state.step),
+            "nonfinite": (~finite).astype(jnp.int32),
+        }
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,146 @@
+"""Type, range and divisibility checks of every config field, before anything is compiled.
+
+`validate_config` walks a table of rules, one per field, and raises a one-line
+`ConfigError` naming the dotted field, the bad value and what is allowed. Names
+(model, sampler, schedule, ...) are checked where their registries live; fields the
+table does not know are left alone.
+"""
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from diffusion_jax.errors import ConfigError
+
+Check = Callable[[Any], bool]
+_MISSING = object()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _int(low: int) -> Check:
+    return lambda v: _is_int(v) and v >= low
+
+
+def _real(low: float, high: float = math.inf, *, open_low: bool = False) -> Check:
+    """A finite real in [low, high), or (low, high) with `open_low`."""
+    return lambda v: _is_real(v) and (v > low if open_low else v >= low) and v < high
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+def _seq(check: Check, *, non_empty: bool = False) -> Check:
+    return lambda v: isinstance(v, tuple | list) and (bool(v) or not non_empty) and all(map(check, v))
+
+
+_UNIT = _real(0.0, 1.0)  # [0, 1)
+
+
+class Rule(NamedTuple):
+    field: str  # dotted path from the config's root
+    check: Check
+    allowed: str
+    optional: bool = False  # absent is fine (model arguments differ per model)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("seed", _int(0), "an int >= 0"),
+    Rule("data.image_size", _int(1), "a positive int"),
+    Rule("data.data_dir", _optional(lambda v: isinstance(v, str)), "None or a path"),
+    Rule("data.random_flip", _is_bool, "True or False"),
+    Rule("model.ch", _int(1), "a positive int", optional=True),
+    Rule("model.ch_mult", _seq(_int(1), non_empty=True), "a non-empty tuple of positive ints", optional=True),
+    Rule("model.num_res_blocks", _int(1), "a positive int", optional=True),
+    Rule("model.attn_resolutions", _seq(_int(1)), "a tuple of positive ints", optional=True),
+    Rule("model.dropout", _UNIT, "a float in [0, 1)", optional=True),
+    Rule("model.num_heads", _int(1), "a positive int", optional=True),
+    Rule("model.num_head_channels", _optional(_int(1)), "None or a positive int", optional=True),
+    Rule("model.use_scale_shift_norm", _is_bool, "True or False", optional=True),
+    Rule("model.resblock_updown", _is_bool, "True or False", optional=True),
+    Rule("model.num_classes", _optional(_int(1)), "None or a positive int", optional=True),
+    Rule("model.learn_sigma", _is_bool, "True or False", optional=True),
+    Rule("model.hidden", _int(1), "a positive int", optional=True),
+    Rule("model.depth", _int(1), "a positive int", optional=True),
+    Rule("diffusion.num_timesteps", _int(1), "an int >= 1"),
+    Rule("diffusion.min_snr_gamma", _real(0.0, open_low=True), "a float > 0"),
+    Rule("optim.learning_rate", _real(0.0, open_low=True), "a float > 0"),
+    Rule("optim.warmup_steps", _int(0), "an int >= 0"),
+    Rule("optim.grad_clip_norm", _real(0.0), "a float >= 0 (0: off)"),
+    Rule("optim.b1", _UNIT, "a float in [0, 1)"),
+    Rule("optim.b2", _UNIT, "a float in [0, 1)"),
+    Rule("optim.eps", _real(0.0, open_low=True), "a float > 0"),
+    Rule("optim.weight_decay", _real(0.0), "a float >= 0"),
+    Rule("training.batch_size", _int(1), "a positive int"),
+    Rule("training.num_steps", _int(1), "an int >= 1"),
+    Rule("training.log_every", _int(0), "an int >= 0 (0: only at the last step)"),
+    Rule("training.checkpoint_every", _int(0), "an int >= 0 (0: only at the last step)"),
+    Rule("training.sample_every", _int(0), "an int >= 0 (0: only at the last step)"),
+    Rule("training.keep_checkpoints", _optional(_int(1)), "None (keep all) or an int >= 1"),
+    Rule("training.ema_decays", _seq(_UNIT), "a tuple of floats in [0, 1)"),
+    Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
+    Rule("sample.steps", _optional(_int(1)), "None (the sampler's default) or an int >= 1"),
+    Rule("sample.num_samples", _int(1), "an int >= 1"),
+    Rule("sample.batch_size", _int(1), "a positive int"),
+    Rule("sample.ema_decay", _optional(_UNIT), "None (raw params) or a float in [0, 1)"),
+    Rule("sample.png_scale", _int(1), "an int >= 1"),
+    Rule("sample.eta", _optional(_real(0.0)), "None or a float >= 0"),
+    Rule("sample.clip_x0", _optional(_real(0.0, open_low=True)), "None (no clipping) or a float > 0"),
+)
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    node = config
+    for key in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _check_divisible(field: str, value: int, divisor: int, what: str) -> None:
+    if value % divisor:
+        below, above = value // divisor * divisor, (value // divisor + 1) * divisor
+        nearest = f"{below} or {above}" if below else str(above)
+        raise ConfigError(f"{field}: {value} is not divisible by {what}; use a multiple of {divisor}, e.g. {nearest}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+    """Checks every known field of `config` for type and range, and the batch sizes for divisibility.
+
+    Args:
+      config: an experiment config (see `diffusion_jax.config`).
+      num_devices: devices in the mesh, over all processes (`jax.device_count()`).
+      num_processes: `jax.process_count()`.
+
+    Raises:
+      ConfigError: naming the first bad field, its value and what is allowed.
+    """
+    for rule in RULES:
+        value = _get(config, rule.field)
+        if value is _MISSING:
+            if rule.optional:
+                continue
+            raise ConfigError(f"{rule.field}: missing from the config; expected {rule.allowed}")
+        if not rule.check(value):
+            raise ConfigError(f"{rule.field}: got {value!r}; expected {rule.allowed}")
+    what = f"the {num_devices} devices" + (f" and {num_processes} processes" if num_processes > 1 else "")
+    _check_divisible("training.batch_size", config.training.batch_size, math.lcm(num_devices, num_processes), what)
+    _check_divisible("sample.batch_size", config.sample.batch_size, num_devices, f"the {num_devices} devices")
+    steps, num_timesteps = config.sample.steps, config.diffusion.num_timesteps
+    if steps is not None and steps > num_timesteps:
+        raise ConfigError(f"sample.steps: got {steps}; expected at most diffusion.num_timesteps={num_timesteps}")
