@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training.state import TrainState
@@ -131,8 +132,10 @@ class Checkpointer:
     def _set_aside(self, step: int) -> None:
         """Moves a damaged step out of orbax's directory, so that it can be saved anew."""
         damaged = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
-        damaged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), damaged)
+        if jax.process_index() == 0:  # one host moves; all of them re-read the directory
+            damaged.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), damaged)
+        multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
         self._manager.reload()
         self._damaged.discard(step)
         logging.warning("Moved the damaged checkpoint of step %d to %s before saving that step again", step, damaged)
