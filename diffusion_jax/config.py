@@ -13,9 +13,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
   non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update).
-- `sample`: `sampler` (ddpm | ddim), `steps` (None: the sampler's default), `num_samples`,
+- `sample`: `sampler` (ddpm | ddim | dpm_solver++), `steps` (None: the sampler's default), `num_samples`,
   `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
-  options (`eta`, `variance`, `spacing`, `clip_x0`), None meaning the sampler's default.
+  options (`eta`, `variance`, `spacing`, `order`, `lower_order_final`, `clip_x0`), None meaning the
+  sampler's default.
 """
 
 import ml_collections
@@ -83,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
             eta=placeholder(float),
             variance=placeholder(str),
             spacing=placeholder(str),
+            order=placeholder(int),
+            lower_order_final=placeholder(bool),
             clip_x0=1.0,
         )
     )

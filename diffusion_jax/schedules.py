@@ -174,7 +174,7 @@ def sigmoid(num_timesteps: int = 1000, **kwargs: float) -> Schedule:
     return get("sigmoid", num_timesteps, **kwargs)
 
 
-SPACINGS = ("linspace", "uniform", "quadratic")
+SPACINGS = ("linspace", "uniform", "trailing", "quadratic", "logsnr")
 
 
 def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
@@ -183,9 +183,12 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
     - 'linspace': evenly spaced with rounding, always keeping 0 and T-1
       (improved DDPM's `space_timesteps` with one section; DiT's 250-step sampling).
     - 'uniform':  tau_i = i * floor(T / S) (DDIM, Song et al. 2020, Appendix D.2).
+    - 'trailing': round(T - i T / S) - 1, always keeping T-1 (Lin et al. 2024,
+      arXiv 2305.08891, Table 2; diffusers' 'trailing').
     - 'quadratic': tau_i = floor((i * sqrt(0.8 T) / (S - 1))^2) (DDIM, Appendix D.2).
       Its first few tau repeat when S is large; a repeated step is a no-op in DDIM,
       so repeats are dropped and slightly fewer than S steps are returned.
+    'logsnr' depends on the schedule: see `sampling_timesteps`.
     """
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"sample.steps must be in [1, {num_timesteps}], got {steps}")
@@ -193,6 +196,8 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     elif spacing == "uniform":
         ts = np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64)[::-1] - 1
     elif spacing == "quadratic":
         ts = np.unique((np.linspace(0, math.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64))
     else:
@@ -200,6 +205,19 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
             f"sample.spacing: unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}"
         )
     return ts
+
+
+def sampling_timesteps(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
+    """`space_timesteps`, plus 'logsnr': steps uniform in lambda = log(alpha^2 / sigma^2)
+    from lambda_T to lambda_1, each rounded to the nearest training timestep (DPM-Solver's
+    'logSNR' spacing, Lu et al. 2022, arXiv 2206.00927, §3.3); repeats are dropped."""
+    if spacing != "logsnr":
+        return space_timesteps(schedule.num_timesteps, steps, spacing)
+    space_timesteps(schedule.num_timesteps, steps, "linspace")  # validates `steps`
+    log_snr = np.asarray(schedule.log_snr, np.float64)  # decreasing in t
+    targets = np.linspace(log_snr[-1], log_snr[0], steps)
+    nearest = np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1)
+    return np.unique(nearest).astype(np.int64)
 
 
 def respace(schedule: Schedule, timesteps: np.ndarray) -> Schedule:

@@ -62,6 +62,7 @@ def test_spacings_follow_the_papers():
     np.testing.assert_array_equal(schedules.space_timesteps(1000, 50, "uniform"), np.arange(0, 1000, 20))
     quad = schedules.space_timesteps(1000, 10, "quadratic")
     np.testing.assert_array_equal(quad, (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int))
+    np.testing.assert_array_equal(schedules.space_timesteps(1000, 4, "trailing"), [249, 499, 749, 999])
     lin = schedules.space_timesteps(1000, 250, "linspace")
     assert lin[0] == 0 and lin[-1] == 999 and len(np.unique(lin)) == 250
 
@@ -84,3 +85,12 @@ def test_bad_names_and_sizes():
         schedules.space_timesteps(1000, 10, "log")
     with pytest.raises(ValueError, match=r"sample.steps must be in \[1, 1000\]"):
         schedules.space_timesteps(1000, 0)
+
+
+def test_logsnr_spacing_is_uniform_in_log_snr():
+    sched = dj.schedules.linear(1000)
+    ts = schedules.sampling_timesteps(sched, 20, "logsnr")
+    assert len(ts) == 20
+    assert ts[0] == 0 and ts[-1] == 999 and np.all(np.diff(ts) > 0)
+    gaps = np.diff(np.asarray(sched.log_snr)[ts])
+    assert gaps.std() < 0.1 * abs(gaps.mean())

@@ -15,14 +15,16 @@ from collections.abc import Callable
 from diffusion_jax.registry import Registry
 from diffusion_jax.samplers.ddim import ddim_sample
 from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
+from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
 
 SAMPLERS: Registry[Callable] = Registry("sampler", "sample.sampler")
 SAMPLERS.register("ddpm")(ddpm_sample)
 SAMPLERS.register("ddim")(ddim_sample)
+SAMPLERS.register("dpm_solver++")(dpm_solver_pp_sample)
 
 
 def get(name: str) -> Callable:
-    """The sampler registered as `name` ('ddpm' | 'ddim')."""
+    """The sampler registered as `name` ('ddpm' | 'ddim' | 'dpm_solver++')."""
     return SAMPLERS.get(name)
 
 
@@ -30,4 +32,4 @@ def names() -> list[str]:
     return SAMPLERS.names()
 
 
-__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "get", "names"]
+__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "dpm_solver_pp_sample", "get", "names"]

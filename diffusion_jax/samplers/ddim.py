@@ -30,20 +30,19 @@ def ddim_sample(
     beta-tilde variances. The last step uses alpha-bar_prev = 1 and returns x̂_0.
     `spacing` picks tau: 'uniform' or 'quadratic' (the paper's), or 'linspace'.
     """
-    T = schedule.num_timesteps
-    schedule = schedules.respace(schedule, schedules.space_timesteps(T, steps, spacing))
+    schedule = schedules.respace(schedule, schedules.sampling_timesteps(schedule, steps, spacing))
     denoise = diffusion.make_denoiser(model_fn, schedule, prediction, clip_x0)
     alpha_prev = jnp.sqrt(schedule.alphas_cumprod_prev)
     sigma_prev = jnp.sqrt(1.0 - schedule.alphas_cumprod_prev)
     # c^2 of Eq. 16 equals eta^2 times the respaced posterior variance beta-tilde.
     c = eta * jnp.sqrt(schedule.posterior_variance)
 
-    def step(x: jax.Array, i: jax.Array, key: jax.Array) -> jax.Array:
+    def step(x: jax.Array, state: None, i: jax.Array, key: jax.Array) -> tuple[jax.Array, None]:
         pred = denoise(x, jnp.full((x.shape[0],), i, jnp.int32))
         direction = jnp.sqrt(jnp.maximum(sigma_prev[i] ** 2 - c[i] ** 2, 0.0)) * pred.eps
         x_prev = alpha_prev[i] * pred.x0 + direction
         if eta == 0.0:
-            return x_prev
-        return x_prev + c[i] * jax.random.normal(key, x.shape, x.dtype)
+            return x_prev, None
+        return x_prev + c[i] * jax.random.normal(key, x.shape, x.dtype), None
 
     return run_chain(step, x_T, key, schedule.num_timesteps, return_trajectory)

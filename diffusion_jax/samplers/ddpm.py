@@ -39,18 +39,18 @@ def ddpm_sample(
     T = schedule.num_timesteps
     steps = T if steps is None else steps
     if steps != T:
-        schedule = schedules.respace(schedule, schedules.space_timesteps(T, steps, spacing))
+        schedule = schedules.respace(schedule, schedules.sampling_timesteps(schedule, steps, spacing))
     denoise = diffusion.make_denoiser(model_fn, schedule, prediction, clip_x0)
     if variance == "fixed_small":
         log_var = schedule.posterior_log_variance_clipped
     else:
         log_var = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
 
-    def step(x: jax.Array, i: jax.Array, key: jax.Array) -> jax.Array:
+    def step(x: jax.Array, state: None, i: jax.Array, key: jax.Array) -> tuple[jax.Array, None]:
         t = jnp.full((x.shape[0],), i, jnp.int32)
         pred = denoise(x, t)
         mean, _, _ = diffusion.q_posterior(schedule, pred.x0, x, t)
         noise = jax.random.normal(key, x.shape, x.dtype)
-        return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var[i]), 0.0) * noise
+        return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var[i]), 0.0) * noise, None
 
     return run_chain(step, x_T, key, schedule.num_timesteps, return_trajectory)
