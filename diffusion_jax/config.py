@@ -16,7 +16,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++), `steps` (None: the sampler's default), `num_samples`,
   `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
   options (`eta`, `variance`, `spacing`, `order`, `lower_order_final`, `clip_x0`), None meaning the
-  sampler's default.
+  sampler's default; `guidance_scale` s for classifier-free guidance of class-conditional models
+  (s = 1 + w of Ho & Salimans; None or 1: none).
 """
 
 import ml_collections
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
             order=placeholder(int),
             lower_order_final=placeholder(bool),
             clip_x0=1.0,
+            guidance_scale=placeholder(float),
         )
     )
     return config

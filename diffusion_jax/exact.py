@@ -39,12 +39,18 @@ def ring(num_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> Gaussian
     return GaussianMixture(means, std, np.full(num_modes, 1.0 / num_modes))
 
 
-def posterior_mean(mixture: GaussianMixture, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-    """E[x_0 | x_t] for x_t [B, D]; alpha, sigma broadcast against [B, 1]."""
+def posterior_mean(
+    mixture: GaussianMixture, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """E[x_0 | x_t] for x_t [B, D]; alpha, sigma broadcast against [B, 1].
+
+    `weights` [B, K] replaces the mixture weights per example (one-hot: one component).
+    """
     means = jnp.asarray(mixture.means, jnp.float32)  # [K, D]
     var = alpha**2 * mixture.std**2 + sigma**2  # [B, 1]
     sq_dist = jnp.sum(jnp.square(x_t[:, None, :] - alpha[:, None] * means[None]), axis=-1)  # [B, K]
-    logits = jnp.log(jnp.asarray(mixture.weights, jnp.float32)) - 0.5 * sq_dist / var
+    weights = jnp.asarray(mixture.weights, jnp.float32) if weights is None else weights
+    logits = jnp.log(weights) - 0.5 * sq_dist / var
     w = jax.nn.softmax(logits, axis=-1)  # [B, K]
     per_component = means[None] + (alpha * mixture.std**2 / var)[:, None] * (x_t[:, None, :] - alpha[:, None] * means)
     return jnp.einsum("bk,bkd->bd", w, per_component)
@@ -71,3 +77,26 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, num_projections: int = 256,
     directions /= np.linalg.norm(directions, axis=0, keepdims=True)
     pa, pb = np.sort(a @ directions, axis=0), np.sort(b @ directions, axis=0)
     return float(np.sqrt(np.mean(np.square(pa - pb))))
+
+
+def conditional_x0_model(mixture: GaussianMixture, schedule: Schedule):
+    """model_fn(x_t, t, cond) -> E[x_0 | x_t, class cond] where class k is component k and
+    cond == K (the null label) means the whole mixture (prediction='x0')."""
+    num_classes = len(mixture.weights)
+    table = jnp.concatenate([jnp.eye(num_classes), jnp.asarray(mixture.weights, jnp.float32)[None]])  # [K+1, K]
+
+    def model_fn(x_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+        flat = x_t.reshape(x_t.shape[0], -1)
+        alpha, sigma = schedule.alpha[t][:, None], schedule.sigma[t][:, None]
+        return posterior_mean(mixture, flat, alpha, sigma, weights=table[cond]).reshape(x_t.shape)
+
+    return model_fn
+
+
+def class_posterior(mixture: GaussianMixture, x: np.ndarray) -> np.ndarray:
+    """p(class k | x_0 = x) under the mixture, [N, K]."""
+    sq_dist = np.sum(np.square(x[:, None, :] - mixture.means[None]), axis=-1)
+    logits = np.log(mixture.weights) - 0.5 * sq_dist / mixture.std**2
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)

@@ -150,6 +150,7 @@ def test_warmup_schedule():
         ("sample.ema_decay", 0.5, "sample.ema_decay"),
         ("optim.name", "sgd", "optim.name: unknown optimizer 'sgd'"),
         ("model.learn_sigma", True, "model.learn_sigma"),
+        ("sample.guidance_scale", 2.0, "sample.guidance_scale: classifier-free guidance needs a class-conditional"),
         ("diffusion.prediction", "score", "diffusion.prediction: unknown prediction 'score'"),
     ],
 )
@@ -209,3 +210,12 @@ def test_digits_end_to_end_with_resume(tmp_path, digits_data_dir):
     third = run_main(*common, "--mode=sample", "--config.sample.sampler=ddpm", "--config.sample.steps=20")
     assert third.returncode == 0, third.stderr[-3000:]
     assert (workdir / "samples" / "samples_12.npz").exists()
+
+
+def test_class_conditional_sampling_with_guidance(digits_data_dir):
+    config = tiny_digits_config(digits_data_dir)
+    config.model.num_classes = 10
+    config.sample.guidance_scale = 3.0
+    exp = experiment.build(config)
+    samples = exp.sample_fn(exp.initial_state.params, jax.random.key(0))
+    assert samples.shape == (8, 8, 8, 1) and bool(jnp.isfinite(samples).all())

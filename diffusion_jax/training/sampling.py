@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
+from diffusion_jax import guidance
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply, sampler_from_config
@@ -35,7 +36,9 @@ def make_sample_fn(
 
     The whole chain is one compiled program (the sampler's `lax.scan`), compiled
     once and reused; the batch is split over the mesh's 'data' axis. Class-
-    conditional models get labels 0, 1, 2, ... cycling over the classes.
+    conditional models get labels 0, 1, 2, ... cycling over the classes, and with
+    `sample.guidance_scale` = s classifier-free guidance (s = 1 + w of Ho & Salimans:
+    s = 1 is the conditional model; see `guidance.classifier_free`).
     """
     sampler, options = sampler_from_config(config.sample)
     batch_size = config.sample.batch_size
@@ -44,6 +47,10 @@ def make_sample_fn(
         raise ConfigError(f"sample.batch_size: {batch_size} is not divisible by the {num_devices} devices")
     num_classes = config.model.get("num_classes")
     labels = None if num_classes is None else jnp.arange(batch_size, dtype=jnp.int32) % num_classes
+    guidance_scale = config.sample.get("guidance_scale")
+    if guidance_scale is not None and num_classes is None:
+        raise ConfigError("sample.guidance_scale: classifier-free guidance needs a class-conditional model "
+                          "(set model.num_classes)")
 
     def sample(params: nnx.State, key: jax.Array) -> jax.Array:
         noise_key, chain_key = jax.random.split(key)
@@ -52,6 +59,13 @@ def make_sample_fn(
 
         def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
             return model_apply(graphdef, params, x_t, t, labels)
+
+        if guidance_scale is not None and guidance_scale != 1.0:
+
+            def conditional(x_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+                return model_apply(graphdef, params, x_t, t, cond)
+
+            model_fn = guidance.classifier_free(conditional, labels, num_classes, guidance_scale - 1.0)
 
         return sampler(model_fn, schedule, chain_key, x_T, prediction=config.diffusion.prediction, **options)
 
