@@ -55,9 +55,10 @@ class _Metrics:
             self._host.append(metrics)
 
     def averages(self) -> dict[str, float]:
-        """Means over the steps since the last call; 'nonfinite' is a count of skipped steps."""
+        """Means over the finite steps since the last call, and the number of skipped steps."""
         host, self._host = self._host, []
-        out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+        finite = [m for m in host if not m["nonfinite"]] or host
+        out = {k: float(np.mean([m[k] for m in finite])) for k in host[0] if k != "nonfinite"}
         out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
         return out
 
