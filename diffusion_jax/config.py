@@ -13,9 +13,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
   non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update).
-- `sample`: `sampler` (ddpm | ddim | dpm_solver++), `steps` (None: the sampler's default), `num_samples`,
+- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun), `steps` (None: the sampler's default), `num_samples`,
   `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
-  options (`eta`, `variance`, `spacing`, `order`, `lower_order_final`, `clip_x0`), None meaning the
+  options (`eta`, `variance`, `spacing`, `order`, `lower_order_final`, `rho`, `s_churn`, `s_tmin`,
+  `s_tmax`, `s_noise`, `clip_x0`), None meaning the
   sampler's default; `guidance_scale` s for classifier-free guidance of class-conditional models
   (s = 1 + w of Ho & Salimans; None or 1: none).
 """
@@ -89,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
             lower_order_final=placeholder(bool),
             clip_x0=1.0,
             guidance_scale=placeholder(float),
+            rho=placeholder(float),
+            s_churn=placeholder(float),
+            s_tmin=placeholder(float),
+            s_tmax=placeholder(float),
+            s_noise=placeholder(float),
         )
     )
     return config

@@ -174,7 +174,7 @@ def sigmoid(num_timesteps: int = 1000, **kwargs: float) -> Schedule:
     return get("sigmoid", num_timesteps, **kwargs)
 
 
-SPACINGS = ("linspace", "uniform", "trailing", "quadratic", "logsnr")
+SPACINGS = ("linspace", "uniform", "trailing", "quadratic", "logsnr", "karras")
 
 
 def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
@@ -207,15 +207,26 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
     return ts
 
 
-def sampling_timesteps(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
-    """`space_timesteps`, plus 'logsnr': steps uniform in lambda = log(alpha^2 / sigma^2)
-    from lambda_T to lambda_1, each rounded to the nearest training timestep (DPM-Solver's
-    'logSNR' spacing, Lu et al. 2022, arXiv 2206.00927, §3.3); repeats are dropped."""
-    if spacing != "logsnr":
+def sampling_timesteps(schedule: Schedule, steps: int, spacing: str, rho: float = 7.0) -> np.ndarray:
+    """`space_timesteps`, plus two spacings that depend on the schedule, each rounded to the
+    nearest training timestep with repeats dropped:
+
+    - 'logsnr': uniform in lambda = log(alpha^2 / sigma^2) from lambda_T to lambda_1
+      (DPM-Solver, Lu et al. 2022, arXiv 2206.00927, §3.3);
+    - 'karras': sigma_i = (s_max^(1/rho) + i/(S-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in the
+      variance-exploding scale s = sigma/alpha, rho = 7 (EDM, Karras et al. 2022, Eq. 5).
+    """
+    if spacing not in ("logsnr", "karras"):
         return space_timesteps(schedule.num_timesteps, steps, spacing)
     space_timesteps(schedule.num_timesteps, steps, "linspace")  # validates `steps`
     log_snr = np.asarray(schedule.log_snr, np.float64)  # decreasing in t
-    targets = np.linspace(log_snr[-1], log_snr[0], steps)
+    if spacing == "logsnr":
+        targets = np.linspace(log_snr[-1], log_snr[0], steps)
+    else:
+        ve_sigma = np.exp(-0.5 * log_snr)  # sigma / alpha, increasing in t
+        ramp = np.linspace(0.0, 1.0, steps)
+        lo, hi = ve_sigma[0] ** (1 / rho), ve_sigma[-1] ** (1 / rho)
+        targets = -2.0 * np.log((hi + ramp * (lo - hi)) ** rho)
     nearest = np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1)
     return np.unique(nearest).astype(np.int64)
 

@@ -10,21 +10,25 @@ conditioning closed over; `t` is the int32 [B] index of the *training* schedule.
 returns `(x0, trajectory)` where trajectory[0] is x_T and trajectory[-1] is x0.
 """
 
+import functools
 from collections.abc import Callable
 
 from diffusion_jax.registry import Registry
 from diffusion_jax.samplers.ddim import ddim_sample
 from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
+from diffusion_jax.samplers.edm import edm_sample
 
 SAMPLERS: Registry[Callable] = Registry("sampler", "sample.sampler")
 SAMPLERS.register("ddpm")(ddpm_sample)
 SAMPLERS.register("ddim")(ddim_sample)
 SAMPLERS.register("dpm_solver++")(dpm_solver_pp_sample)
+SAMPLERS.register("euler")(functools.partial(edm_sample, solver="euler"))
+SAMPLERS.register("heun")(functools.partial(edm_sample, solver="heun"))
 
 
 def get(name: str) -> Callable:
-    """The sampler registered as `name` ('ddpm' | 'ddim' | 'dpm_solver++')."""
+    """The sampler registered as `name` ('ddpm' | 'ddim' | 'dpm_solver++' | 'euler' | 'heun')."""
     return SAMPLERS.get(name)
 
 
@@ -32,4 +36,4 @@ def names() -> list[str]:
     return SAMPLERS.names()
 
 
-__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "dpm_solver_pp_sample", "get", "names"]
+__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "dpm_solver_pp_sample", "edm_sample", "get", "names"]
