@@ -5,7 +5,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax import diffusion, schedules
 from diffusion_jax.errors import ConfigError
@@ -54,7 +53,7 @@ def edm_sample(
     ts_to = jnp.concatenate([jnp.zeros(1, jnp.int32), ts[:-1]])  # step 0 goes to s = 0
     s_from = ve_sigma[ts]
     s_to = jnp.concatenate([jnp.zeros(1), s_from[:-1]])
-    gamma = np.minimum(s_churn / num_steps, math.sqrt(2.0) - 1.0)
+    gamma = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
     def x0_at(x_ve: jax.Array, t: jax.Array) -> jax.Array:
         """D(x~; s_t): the denoiser at training timestep t, fed x = alpha_t x~."""

@@ -41,10 +41,7 @@ def make_sample_fn(
     s = 1 is the conditional model; see `guidance.classifier_free`).
     """
     sampler, options = sampler_from_config(config.sample)
-    batch_size = config.sample.batch_size
-    num_devices = sharding.mesh.shape["data"]
-    if batch_size % num_devices:
-        raise ConfigError(f"sample.batch_size: {batch_size} is not divisible by the {num_devices} devices")
+    batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
     labels = None if num_classes is None else jnp.arange(batch_size, dtype=jnp.int32) % num_classes
     guidance_scale = config.sample.get("guidance_scale")
@@ -57,15 +54,15 @@ def make_sample_fn(
         x_T = jax.random.normal(noise_key, (batch_size, *example_shape), jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
 
-        def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-            return model_apply(graphdef, params, x_t, t, labels)
+        def network(x_t: jax.Array, t: jax.Array, cond: jax.Array | None) -> jax.Array:
+            return model_apply(graphdef, params, x_t, t, cond)
 
         if guidance_scale is not None and guidance_scale != 1.0:
+            model_fn = guidance.classifier_free(network, labels, num_classes, guidance_scale - 1.0)
+        else:
 
-            def conditional(x_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
-                return model_apply(graphdef, params, x_t, t, cond)
-
-            model_fn = guidance.classifier_free(conditional, labels, num_classes, guidance_scale - 1.0)
+            def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+                return network(x_t, t, labels)
 
         return sampler(model_fn, schedule, chain_key, x_T, prediction=config.diffusion.prediction, **options)
 
