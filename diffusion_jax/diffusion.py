@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v")  # what a network can be trained to predict
+MODEL_OUTPUTS = PREDICTIONS + ("score",)  # what samplers accept (NCSN / score_sde networks output a score)
 WEIGHTINGS = ("none", "snr", "truncated_snr", "min_snr")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B,...], t [B]) -> prediction
@@ -84,13 +85,13 @@ def v_from_x0_eps(x0: jax.Array, eps: jax.Array, alpha: jax.Array, sigma: jax.Ar
 
 
 def x0_from_v(x_t: jax.Array, v: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-    """x_0 = alpha x_t - sigma v (valid when alpha^2 + sigma^2 = 1)."""
-    return alpha * x_t - sigma * v
+    """x_0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2); alpha x_t - sigma v when variance-preserving."""
+    return (alpha * x_t - sigma * v) / (alpha**2 + sigma**2)
 
 
 def eps_from_v(x_t: jax.Array, v: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-    """eps = sigma x_t + alpha v (valid when alpha^2 + sigma^2 = 1)."""
-    return sigma * x_t + alpha * v
+    """eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2); sigma x_t + alpha v when variance-preserving."""
+    return (sigma * x_t + alpha * v) / (alpha**2 + sigma**2)
 
 
 def score_from_eps(eps: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -111,18 +112,33 @@ class Prediction(NamedTuple):
 
 
 def to_x0_eps(
-    model_out: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, prediction: str
+    model_out: jax.Array,
+    x_t: jax.Array,
+    alpha: jax.Array,
+    sigma: jax.Array,
+    prediction: str,
+    clip_x0: float | None = None,
 ) -> Prediction:
-    """Converts a network output of kind `prediction` ('eps' | 'x0' | 'v') to (x_0, eps).
+    """Converts a network output of kind `prediction` ('eps' | 'x0' | 'v' | 'score') to (x_0, eps).
 
-    alpha, sigma broadcast against x_t (e.g. [B, 1, 1, 1] or scalars).
+    alpha, sigma broadcast against x_t (e.g. [B, 1, 1, 1] or scalars); any Gaussian process
+    x_t = alpha x_0 + sigma eps, variance-preserving or not. With `clip_x0`, x̂_0 is clipped
+    to [-clip_x0, clip_x0] and eps recomputed from it (Ho et al.'s sampling code).
     """
-    check_prediction(prediction)
+    check_prediction(prediction, MODEL_OUTPUTS)
     if prediction == "eps":
-        return Prediction(x0_from_eps(x_t, model_out, alpha, sigma), model_out)
-    if prediction == "x0":
-        return Prediction(model_out, eps_from_x0(x_t, model_out, alpha, sigma))
-    return Prediction(x0_from_v(x_t, model_out, alpha, sigma), eps_from_v(x_t, model_out, alpha, sigma))
+        pred = Prediction(x0_from_eps(x_t, model_out, alpha, sigma), model_out)
+    elif prediction == "x0":
+        pred = Prediction(model_out, eps_from_x0(x_t, model_out, alpha, sigma))
+    elif prediction == "score":
+        eps = eps_from_score(model_out, sigma)
+        pred = Prediction(x0_from_eps(x_t, eps, alpha, sigma), eps)
+    else:
+        pred = Prediction(x0_from_v(x_t, model_out, alpha, sigma), eps_from_v(x_t, model_out, alpha, sigma))
+    if clip_x0 is not None:
+        x0 = jnp.clip(pred.x0, -clip_x0, clip_x0)
+        pred = Prediction(x0, eps_from_x0(x_t, x0, alpha, sigma))
+    return pred
 
 
 def make_denoiser(
@@ -135,24 +151,19 @@ def make_denoiser(
     network trained on the full one. With `clip_x0`, x̂_0 is clipped to
     [-clip_x0, clip_x0] and eps recomputed from it (Ho et al.'s sampling code).
     """
-    check_prediction(prediction)
+    check_prediction(prediction, MODEL_OUTPUTS)
 
     def denoise(x_t: jax.Array, t: jax.Array) -> Prediction:
         alpha, sigma = extract(schedule.alpha, t, x_t), extract(schedule.sigma, t, x_t)
-        pred = to_x0_eps(model_fn(x_t, schedule.timesteps[t]), x_t, alpha, sigma, prediction)
-        if clip_x0 is not None:
-            x0 = jnp.clip(pred.x0, -clip_x0, clip_x0)
-            pred = Prediction(x0, eps_from_x0(x_t, x0, alpha, sigma))
-        return pred
+        return to_x0_eps(model_fn(x_t, schedule.timesteps[t]), x_t, alpha, sigma, prediction, clip_x0)
 
     return denoise
 
 
-def check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
+def check_prediction(prediction: str, allowed: tuple[str, ...] = PREDICTIONS) -> None:
+    if prediction not in allowed:
         raise ConfigError(
-            f"diffusion.prediction: unknown prediction {prediction!r}; "
-            f"choose one of: {', '.join(PREDICTIONS)}"
+            f"diffusion.prediction: unknown prediction {prediction!r}; choose one of: {', '.join(allowed)}"
         )
 
 

@@ -10,6 +10,7 @@ A sampler driven by it must reproduce the mixture; samplers differ only in how t
 discretise the reverse process.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -39,6 +40,22 @@ def ring(num_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> Gaussian
     return GaussianMixture(means, std, np.full(num_modes, 1.0 / num_modes))
 
 
+def component_log_posterior(
+    mixture: GaussianMixture, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """log p(k | x_t) [B, K] for x_t [B, D]; alpha, sigma broadcast against [B, 1].
+
+    Bayes' rule with x_t | k ~ N(alpha mu_k, (alpha^2 s^2 + sigma^2) I): p(k | x_t) is
+    proportional to pi_k N(x_t; alpha mu_k, (alpha^2 s^2 + sigma^2) I). `weights` [B, K]
+    replaces the prior pi per example. alpha = 1, sigma = 0 gives the posterior at x_0.
+    """
+    means = jnp.asarray(mixture.means, jnp.float32)  # [K, D]
+    var = alpha**2 * mixture.std**2 + sigma**2  # [B, 1]
+    sq_dist = jnp.sum(jnp.square(x_t[:, None, :] - alpha[:, None] * means[None]), axis=-1)  # [B, K]
+    weights = jnp.asarray(mixture.weights, jnp.float32) if weights is None else weights
+    return jax.nn.log_softmax(jnp.log(weights) - 0.5 * sq_dist / var, axis=-1)  # equal variances: D log var cancels
+
+
 def posterior_mean(
     mixture: GaussianMixture, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, weights: jax.Array | None = None
 ) -> jax.Array:
@@ -48,23 +65,20 @@ def posterior_mean(
     """
     means = jnp.asarray(mixture.means, jnp.float32)  # [K, D]
     var = alpha**2 * mixture.std**2 + sigma**2  # [B, 1]
-    sq_dist = jnp.sum(jnp.square(x_t[:, None, :] - alpha[:, None] * means[None]), axis=-1)  # [B, K]
-    weights = jnp.asarray(mixture.weights, jnp.float32) if weights is None else weights
-    logits = jnp.log(weights) - 0.5 * sq_dist / var
-    w = jax.nn.softmax(logits, axis=-1)  # [B, K]
+    w = jnp.exp(component_log_posterior(mixture, x_t, alpha, sigma, weights))  # [B, K]
     per_component = means[None] + (alpha * mixture.std**2 / var)[:, None] * (x_t[:, None, :] - alpha[:, None] * means)
     return jnp.einsum("bk,bkd->bd", w, per_component)
 
 
 def x0_model(mixture: GaussianMixture, schedule: Schedule):
-    """model_fn(x_t, t) -> E[x_0 | x_t] for a discrete schedule (prediction='x0').
+    """model_fn(x_t, t) -> E[x_0 | x_t] (prediction='x0') for a discrete schedule or an `sde.Process`.
 
     x_t may have any shape [B, ...] whose trailing dimensions flatten to D.
     """
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         flat = x_t.reshape(x_t.shape[0], -1)
-        alpha, sigma = schedule.alpha[t][:, None], schedule.sigma[t][:, None]
+        alpha, sigma = (c[:, None] for c in schedule.alpha_sigma(t))
         return posterior_mean(mixture, flat, alpha, sigma).reshape(x_t.shape)
 
     return model_fn
@@ -87,16 +101,30 @@ def conditional_x0_model(mixture: GaussianMixture, schedule: Schedule):
 
     def model_fn(x_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
         flat = x_t.reshape(x_t.shape[0], -1)
-        alpha, sigma = schedule.alpha[t][:, None], schedule.sigma[t][:, None]
+        alpha, sigma = (c[:, None] for c in schedule.alpha_sigma(t))
         return posterior_mean(mixture, flat, alpha, sigma, weights=table[cond]).reshape(x_t.shape)
 
     return model_fn
 
 
 def class_posterior(mixture: GaussianMixture, x: np.ndarray) -> np.ndarray:
-    """p(class k | x_0 = x) under the mixture, [N, K]."""
-    sq_dist = np.sum(np.square(x[:, None, :] - mixture.means[None]), axis=-1)
-    logits = np.log(mixture.weights) - 0.5 * sq_dist / mixture.std**2
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
+    """p(class k | x_0 = x) under the mixture, float32 [N, K]."""
+    one, zero = jnp.ones((x.shape[0], 1)), jnp.zeros((x.shape[0], 1))
+    return np.asarray(jnp.exp(component_log_posterior(mixture, jnp.asarray(x, jnp.float32), one, zero)))
+
+
+def class_log_prob(mixture: GaussianMixture, schedule: Schedule) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The exact noise-aware classifier `fn(x_t, t) -> log p(k | x_t)` [B, K], class k = component k.
+
+    p(k | x_t) is proportional to pi_k N(x_t; alpha_t mu_k, (alpha_t^2 s^2 + sigma_t^2) I), with
+    (alpha_t, sigma_t) = `schedule.alpha_sigma(t)` (a discrete schedule indexed by the model time,
+    or any process with that method). x_t may have any shape [B, ...] flattening to D. This is
+    what `guidance.classifier_grad` differentiates for exact classifier guidance.
+    """
+
+    def log_prob_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        alpha, sigma = schedule.alpha_sigma(t)  # [B] each
+        flat = x_t.reshape(x_t.shape[0], -1)  # [B, D]
+        return component_log_posterior(mixture, flat, alpha[:, None], sigma[:, None])  # [B, K]
+
+    return log_prob_fn

@@ -65,6 +65,14 @@ class Schedule:
         """sigma_t of x_t = alpha_t x_0 + sigma_t eps, shape [T]."""
         return self.sqrt_one_minus_alphas_cumprod
 
+    def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha_t, sigma_t) at model times `t`: int32 indices of this schedule, any shape.
+
+        The same method exists on the continuous processes of `diffusion_jax.sde` (float t),
+        so code that needs the noise level of a model time works with either.
+        """
+        return self.alpha[t], self.sigma[t]
+
 
 def from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarray | None = None) -> Schedule:
     """Builds a `Schedule` from alpha-bar_1..alpha-bar_T (float64 NumPy for accuracy).

@@ -96,9 +96,10 @@ def test_trajectory_and_prediction_kinds(sched):
         return diffusion.x0_from_eps(x_t, eps_model(x_t, t), alpha, sigma)
 
     x_T = jax.random.normal(jax.random.key(1), (8, 2))
-    a, traj = dj.samplers.get("ddim")(eps_model, sched, jax.random.key(0), x_T, steps=10, return_trajectory=True)
+    a, info = dj.samplers.get("ddim")(eps_model, sched, jax.random.key(0), x_T, steps=10, return_trajectory=True)
     b = dj.samplers.get("ddim")(x0_model, sched, jax.random.key(0), x_T, steps=10, prediction="x0")
-    assert traj.shape == (11, 8, 2)
+    traj = info.trajectory
+    assert traj.shape == (11, 8, 2) and int(info.nfe) == 10
     np.testing.assert_array_equal(traj[0], x_T)
     np.testing.assert_array_equal(traj[-1], a)
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -116,6 +117,71 @@ def test_bad_sampler_options(sched):
         dj.samplers.get("dpm")
     x_T = jnp.zeros((2, 2))
     with pytest.raises(ValueError, match="sample.variance"):
-        dj.samplers.get("ddpm")(lambda x, t: x, sched, jax.random.key(0), x_T, variance="learned_range")
+        dj.samplers.get("ddpm")(lambda x, t: x, sched, jax.random.key(0), x_T, variance="learned")
     with pytest.raises(ValueError, match="diffusion.prediction"):
-        dj.samplers.get("ddim")(lambda x, t: x, sched, jax.random.key(0), x_T, prediction="score")
+        dj.samplers.get("ddim")(lambda x, t: x, sched, jax.random.key(0), x_T, prediction="noise")
+
+
+def test_learned_range_spans_fixed_small_and_fixed_large(sched):
+    """Improved DDPM Eq. 15: v = -1 gives beta-tilde, v = +1 gives beta (the network returns [eps, v])."""
+    model = gaussian_eps_model(sched)
+    x_T = jax.random.normal(jax.random.key(1), (64, 2))
+    key = jax.random.key(6)
+    for v, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
+
+        def learned(x_t, t, v=v):
+            return jnp.concatenate([model(x_t, t), jnp.full_like(x_t, v)], axis=-1)
+
+        a = dj.samplers.get("ddpm")(learned, sched, key, x_T, steps=50, variance="learned_range")
+        b = dj.samplers.get("ddpm")(model, sched, key, x_T, steps=50, variance=fixed)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    halfway = dj.samplers.get("ddpm")(
+        lambda x_t, t: jnp.concatenate([model(x_t, t), jnp.zeros_like(x_t)], axis=-1),
+        sched, key, x_T, steps=50, variance="learned_range",
+    )
+    assert not np.allclose(halfway, b, atol=1e-3)
+
+
+def test_ddim_inversion_regenerates_x0(sched):
+    """Song et al. §4.3: encode x_0 -> x_T with the reversed deterministic update, decode back."""
+    model = gaussian_eps_model(sched)
+    x0 = jnp.asarray(np.random.default_rng(0).multivariate_normal(MU, COV, 256), jnp.float32)
+    errors = {}
+    for steps in (20, 100):
+        x_T, info = dj.samplers.ddim_invert(model, sched, x0, steps=steps, return_info=True)
+        assert int(info.nfe) == steps - 1
+        back = dj.samplers.get("ddim")(model, sched, jax.random.key(0), x_T, steps=steps)
+        errors[steps] = float(jnp.sqrt(jnp.mean(jnp.square(back - x0))))
+    # Euler steps of the DDIM ODE: first order, the error falls ~5x for 5x the steps (0.12 -> 0.028).
+    assert errors[100] < 0.04 and errors[20] > 3.5 * errors[100]
+    # x_T is a sample of the prior: about unit variance, not x_0 itself.
+    x_T = dj.samplers.ddim_invert(model, sched, x0, steps=100)
+    assert 0.8 < float(jnp.std(x_T)) < 1.2
+
+
+def test_slerp_keeps_gaussian_norms():
+    x1, x2 = jax.random.normal(jax.random.key(0), (2, 4, 512))
+    np.testing.assert_allclose(dj.samplers.slerp(x1, x2, 0.0), x1, atol=1e-5)
+    np.testing.assert_allclose(dj.samplers.slerp(x1, x2, 1.0), x2, atol=1e-5)
+    mid = dj.samplers.slerp(x1, x2, 0.5)
+    norms = jnp.linalg.norm(mid, axis=1) / jnp.linalg.norm(x1, axis=1)
+    assert float(jnp.abs(norms - 1).max()) < 0.05  # the linear midpoint has norm ~0.71
+    assert float(jnp.linalg.norm(0.5 * (x1 + x2), axis=1).mean() / jnp.linalg.norm(x1, axis=1).mean()) < 0.8
+
+
+@pytest.mark.parametrize(
+    "name,options,nfe",
+    [("ddpm", dict(steps=30), 30), ("ddim", dict(steps=30), 30), ("dpm_solver++", dict(steps=12), 12),
+     ("euler", dict(steps=12), 12), ("heun", dict(steps=12), 23)],
+)
+def test_samplers_report_their_network_evaluations(sched, name, options, nfe):
+    calls = []
+
+    def counting(x_t, t):
+        jax.debug.callback(lambda: calls.append(1))  # runs once per evaluation actually executed
+        return gaussian_eps_model(sched)(x_t, t)
+
+    x_T = jnp.zeros((4, 2))
+    _, info = dj.samplers.get(name)(counting, sched, jax.random.key(0), x_T, return_info=True, **options)
+    jax.effects_barrier()
+    assert int(info.nfe) == nfe == len(calls)

@@ -6,15 +6,18 @@ Call shape (DESIGN §4), for every sampler in the registry:
 
 `model_fn(x_t, t) -> prediction` is the network with its parameters and any
 conditioning closed over; `t` is the int32 [B] index of the *training* schedule.
-`x_T` may have any shape [B, ...]. With `return_trajectory=True` a sampler
-returns `(x0, trajectory)` where trajectory[0] is x_T and trajectory[-1] is x0.
+`x_T` may have any shape [B, ...]. `schedule` may also be a continuous process of
+`diffusion_jax.sde` (then `t` is its float time). With `return_info=True` a sampler returns
+`(x0, SampleInfo)` whose `nfe` is the number of network evaluations it used; with
+`return_trajectory=True` its `trajectory` also holds every x_t, x_T first and x_0 last.
 """
 
 import functools
 from collections.abc import Callable
 
 from diffusion_jax.registry import Registry
-from diffusion_jax.samplers.ddim import ddim_sample
+from diffusion_jax.samplers.chain import SampleInfo
+from diffusion_jax.samplers.ddim import ddim_invert, ddim_sample, slerp
 from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
 from diffusion_jax.samplers.edm import edm_sample
@@ -36,4 +39,16 @@ def names() -> list[str]:
     return SAMPLERS.names()
 
 
-__all__ = ["SAMPLERS", "VARIANCES", "ddim_sample", "ddpm_sample", "dpm_solver_pp_sample", "edm_sample", "get", "names"]
+__all__ = [
+    "SAMPLERS",
+    "VARIANCES",
+    "SampleInfo",
+    "ddim_invert",
+    "ddim_sample",
+    "ddpm_sample",
+    "dpm_solver_pp_sample",
+    "edm_sample",
+    "get",
+    "names",
+    "slerp",
+]

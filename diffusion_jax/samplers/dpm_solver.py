@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.samplers.chain import run_chain
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels
 
 ORDERS = (1, 2, 3)
 
@@ -28,7 +28,7 @@ def step_orders(num_steps: int, order: int, lower_order_final: bool) -> np.ndarr
 
 def dpm_solver_pp_sample(
     model_fn: diffusion.ModelFn,
-    schedule: Schedule,
+    schedule: NoiseProcess,
     key: jax.Array,
     x_T: jax.Array,
     steps: int = 20,
@@ -38,8 +38,9 @@ def dpm_solver_pp_sample(
     spacing: str = "logsnr",
     lower_order_final: bool = True,
     clip_x0: float | None = None,
+    return_info: bool = False,
     return_trajectory: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Samples with DPM-Solver++(1/2/3M), the data-prediction multistep ODE solver.
 
     With D_i the denoiser's x̂_0 at step i, lambda = log(alpha / sigma) and
@@ -51,18 +52,17 @@ def dpm_solver_pp_sample(
     (2M, r = h_prev / h), or the third-order combination of their Appendix B (3M). One
     network evaluation per step; the last step lands on sigma = 0 and returns x̂_0.
     `spacing` picks the `steps` timesteps ('logsnr', the paper's recommendation, or any
-    of `schedules.SPACINGS`). The chain is deterministic: `key` is unused.
+    of `schedules.SPACINGS`), on a discrete schedule or a continuous `sde.Process`. The chain
+    is deterministic: `key` is unused. NFE = `steps`.
     """
     if order not in ORDERS:
         raise ConfigError(f"sample.order: DPM-Solver++ order must be one of {ORDERS}, got {order!r}")
-    schedule = schedules.respace(schedule, schedules.sampling_timesteps(schedule, steps, spacing))
-    num_steps = schedule.num_timesteps
-    denoise = diffusion.make_denoiser(model_fn, schedule, prediction, clip_x0)
-    alpha, sigma = schedule.alpha, schedule.sigma
-    # Step i goes from timestep i to i - 1; step 0 goes to clean data (alpha = 1, sigma = 0).
-    alpha_to = jnp.concatenate([jnp.ones(1), alpha[:-1]])
-    sigma_to = jnp.concatenate([jnp.zeros(1), sigma[:-1]])
-    lam = jnp.log(alpha) - jnp.log(sigma)
+    levels = noise_levels(schedule, steps, spacing)
+    num_steps = levels.num
+    denoise = denoiser(model_fn, levels, prediction, clip_x0)
+    # Step i goes from level i to i - 1; step 0 goes to clean data (alpha = 1, sigma = 0).
+    alpha, sigma, alpha_to, sigma_to = map(f32, (levels.alpha, levels.sigma, levels.alpha_to, levels.sigma_to))
+    lam = f32(np.log(levels.alpha) - np.log(levels.sigma))
     lam_to = jnp.concatenate([lam[:1] + 1.0, lam[:-1]])  # step 0's h is infinite; its order is 1
     lam_from = jnp.concatenate([lam, jnp.full(2, lam[-1] - 1.0)])  # padded for the first steps
     orders = jnp.asarray(step_orders(num_steps, order, lower_order_final))
@@ -71,7 +71,7 @@ def dpm_solver_pp_sample(
         x: jax.Array, history: tuple[jax.Array, jax.Array], i: jax.Array, key: jax.Array
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         d1, d2 = history  # x̂_0 of the previous two steps
-        d0 = denoise(x, jnp.full((x.shape[0],), i, jnp.int32)).x0
+        d0 = denoise(x, i).x0
         a_t = alpha_to[i]
         # e^{-h} = (sigma_t / alpha_t) / (sigma_s / alpha_s), exactly 0 at the last step.
         em1 = sigma_to[i] / a_t * alpha[i] / sigma[i] - 1.0  # e^{-h} - 1
@@ -89,4 +89,13 @@ def dpm_solver_pp_sample(
         return x_prev, (d0, d1)
 
     history = (jnp.zeros_like(x_T), jnp.zeros_like(x_T))
-    return run_chain(step, x_T, key, num_steps, return_trajectory, state=history)
+    return run_chain(
+        step,
+        x_T,
+        key,
+        num_steps,
+        nfe=num_steps,
+        return_info=return_info,
+        return_trajectory=return_trajectory,
+        state=history,
+    )
