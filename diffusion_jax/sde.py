@@ -258,6 +258,61 @@ class EDM(Process):
         return self.sigma_max
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiscreteVP(Process):
+    """The continuous-time view of a discrete variance-preserving schedule: log alpha interpolated
+    linearly between the model times the schedule was trained at (DPM-Solver's 'discrete' noise
+    schedule, Lu et al. 2022, App. D). The model time t is a float in [t_0, t_{T-1}] (a network
+    with a sinusoidal time embedding takes fractional timesteps), so the probability-flow ODE and
+    the Euler-Maruyama predictor run on models trained with `schedules.Schedule`.
+    f = d log alpha / dt (piecewise constant) and g^2 = -2 f, as for any VP process.
+    """
+
+    knots: np.ndarray  # float64 [T]: model times (the schedule's `timesteps`)
+    log_alphas: np.ndarray  # float64 [T]: log alpha at the knots, decreasing
+
+    @classmethod
+    def from_schedule(cls, schedule: Any) -> DiscreteVP:
+        return cls(np.asarray(schedule.timesteps, np.float64), np.log(np.asarray(schedule.alpha, np.float64)))
+
+    @property
+    def t_min(self) -> float:
+        return float(self.knots[0])
+
+    @property
+    def t_max(self) -> float:
+        return float(self.knots[-1])
+
+    def log_alpha(self, t: Array) -> Array:
+        return _xp(t).interp(t, self.knots, self.log_alphas)
+
+    def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
+        xp = _xp(t)
+        log_alpha = self.log_alpha(t)
+        return xp.exp(log_alpha), xp.sqrt(-xp.expm1(2.0 * log_alpha))
+
+    def time_at_log_snr(self, log_snr: Array) -> Array:
+        xp = _xp(log_snr)
+        log_alpha = -0.5 * xp.logaddexp(0.0, -log_snr)
+        return xp.interp(-log_alpha, -self.log_alphas, self.knots)  # interp needs increasing abscissae
+
+    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        slopes = jnp.asarray(np.diff(self.log_alphas) / np.diff(self.knots), jnp.float32)  # [T - 1]
+        segment = jnp.searchsorted(jnp.asarray(self.knots, jnp.float32), t, side="right") - 1
+        segment = jnp.clip(segment, 0, len(slopes) - 1)
+        f = slopes[segment]
+        return _bcast(f, x) * x, jnp.sqrt(-2.0 * f)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
+def as_process(process: Any) -> Process:
+    """`process` itself if continuous; the `DiscreteVP` view of a discrete `schedules.Schedule`."""
+    return process if isinstance(process, Process) else DiscreteVP.from_schedule(process)
+
+
 def get(name: str, **kwargs: float) -> Process:
     """The process registered as `name` ('vp' | 'subvp' | 've' | 'edm') with its parameters."""
     return PROCESSES.get(name)(**kwargs)

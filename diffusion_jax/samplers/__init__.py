@@ -21,6 +21,8 @@ from diffusion_jax.samplers.ddim import ddim_invert, ddim_sample, slerp
 from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
 from diffusion_jax.samplers.edm import edm_sample
+from diffusion_jax.samplers.ode import ode_encode, ode_sample
+from diffusion_jax.samplers.score_sde import annealed_langevin_sample, pc_sample
 
 SAMPLERS: Registry[Callable] = Registry("sampler", "sample.sampler")
 SAMPLERS.register("ddpm")(ddpm_sample)
@@ -28,10 +30,14 @@ SAMPLERS.register("ddim")(ddim_sample)
 SAMPLERS.register("dpm_solver++")(dpm_solver_pp_sample)
 SAMPLERS.register("euler")(functools.partial(edm_sample, solver="euler"))
 SAMPLERS.register("heun")(functools.partial(edm_sample, solver="heun"))
+SAMPLERS.register("pc")(pc_sample)
+SAMPLERS.register("langevin")(annealed_langevin_sample)
+SAMPLERS.register("ode")(ode_sample)
 
 
 def get(name: str) -> Callable:
-    """The sampler registered as `name` ('ddpm' | 'ddim' | 'dpm_solver++' | 'euler' | 'heun')."""
+    """The sampler registered as `name`: 'ddpm' | 'ddim' | 'dpm_solver++' | 'euler' | 'heun' | 'pc' |
+    'langevin' | 'ode'."""
     return SAMPLERS.get(name)
 
 
@@ -43,6 +49,7 @@ __all__ = [
     "SAMPLERS",
     "VARIANCES",
     "SampleInfo",
+    "annealed_langevin_sample",
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",
@@ -50,5 +57,8 @@ __all__ = [
     "edm_sample",
     "get",
     "names",
+    "ode_encode",
+    "ode_sample",
+    "pc_sample",
     "slerp",
 ]

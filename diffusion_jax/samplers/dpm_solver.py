@@ -12,18 +12,36 @@ from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_lev
 ORDERS = (1, 2, 3)
 
 
-def step_orders(num_steps: int, order: int, lower_order_final: bool) -> np.ndarray:
+def step_orders(
+    num_steps: int,
+    order: int,
+    lower_order_final: bool,
+    h: np.ndarray | None = None,
+    max_step_ratio: float | None = None,
+) -> np.ndarray:
     """Solver order of each step, indexed like the chain (step i runs when i steps remain).
 
     Multistep solvers warm up: the k-th step (k = 0, 1, ...) can use at most k + 1
     previous denoiser outputs. With `lower_order_final`, the last steps also drop to
     order i + 1, which Lu et al. (§3.4) found to stabilise sampling with few steps;
     the very last step, which jumps to sigma = 0, is always first order.
+
+    With the steps' log-SNR increments `h` [num_steps] and `max_step_ratio`, a step whose
+    h exceeds `max_step_ratio` times the previous step's drops to first order, and a
+    third-order step whose previous step did so to second order: the multistep
+    extrapolation (D_s - D_s') / (2 r), r = h_prev / h, amplifies the denoiser's change by
+    1 / (2 r), which on a sharply multimodal target throws samples between the modes.
     """
     i = np.arange(num_steps)
     warmup = num_steps - i  # k + 1 for the k-th step taken
     final = i + 1 if lower_order_final else np.where(i == 0, 1, order)
-    return np.minimum(np.minimum(order, warmup), final)
+    orders = np.minimum(np.minimum(order, warmup), final)
+    if h is not None and max_step_ratio is not None:
+        h_prev = np.append(h[1:], np.inf)  # step i follows step i + 1
+        jump = h > max_step_ratio * h_prev
+        orders = np.where(jump, 1, orders)
+        orders = np.where(np.append(jump[1:], False), np.minimum(orders, 2), orders)
+    return orders
 
 
 def dpm_solver_pp_sample(
@@ -37,6 +55,7 @@ def dpm_solver_pp_sample(
     order: int = 2,
     spacing: str = "logsnr",
     lower_order_final: bool = True,
+    max_step_ratio: float | None = 2.0,
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
@@ -65,7 +84,9 @@ def dpm_solver_pp_sample(
     lam = f32(np.log(levels.alpha) - np.log(levels.sigma))
     lam_to = jnp.concatenate([lam[:1] + 1.0, lam[:-1]])  # step 0's h is infinite; its order is 1
     lam_from = jnp.concatenate([lam, jnp.full(2, lam[-1] - 1.0)])  # padded for the first steps
-    orders = jnp.asarray(step_orders(num_steps, order, lower_order_final))
+    lam_np = np.log(levels.alpha) - np.log(levels.sigma)
+    h_np = np.append(np.inf, -np.diff(lam_np))  # step i's increment lambda_{i-1} - lambda_i
+    orders = jnp.asarray(step_orders(num_steps, order, lower_order_final, h_np, max_step_ratio))
 
     def step(
         x: jax.Array, history: tuple[jax.Array, jax.Array], i: jax.Array, key: jax.Array
