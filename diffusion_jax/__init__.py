@@ -12,7 +12,7 @@ The data pipeline (`diffusion_jax.data`) and the training system
 (`diffusion_jax.training`) are imported on their own.
 """
 
-from diffusion_jax import diffusion, guidance, models, samplers, schedules
+from diffusion_jax import diffusion, guidance, models, samplers, schedules, sde
 
-__all__ = ["diffusion", "guidance", "models", "samplers", "schedules"]
+__all__ = ["diffusion", "guidance", "models", "samplers", "schedules", "sde"]
 __version__ = "0.1.0"

@@ -12,13 +12,21 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
-  non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update).
-- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun), `steps` (None: the sampler's default), `num_samples`,
-  `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and the sampler's own
-  options (`eta`, `variance`, `spacing`, `order`, `lower_order_final`, `rho`, `s_churn`, `s_tmin`,
-  `s_tmax`, `s_noise`, `clip_x0`), None meaning the
-  sampler's default; `guidance_scale` s for classifier-free guidance of class-conditional models
-  (s = 1 + w of Ho & Salimans; None or 1: none).
+  non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update),
+  `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
+  (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance).
+- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
+  sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and
+  the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
+  `variance`, `spacing`, `clip_x0` (ddpm, ddim, dpm_solver++, euler, heun, pc); `order`,
+  `lower_order_final`, `max_step_ratio` (dpm_solver++); `rho`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`
+  (euler, heun); `predictor`, `corrector`, `snr`, `n_corrector` (pc); `n_steps_each`, `step_lr`,
+  `denoise_final` (langevin, ode); `ode_solver`, `rtol`, `atol`, `max_steps` (ode); `guidance_scale` s for
+  classifier-free guidance of class-conditional models (s = 1 + w of Ho & Salimans; None or 1: none);
+  `classifier_workdir` (the workdir of a `training.objective='classify'` run: its config.json and newest
+  checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol
+  2021: p(x) p(y | x)^s; 1: the class-conditional distribution), Algorithm 1 under the 'ddpm' sampler and
+  Algorithm 2 under the others.
 """
 
 import ml_collections
@@ -73,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             ema_decays=(0.9999,),
             on_nonfinite="stop",
+            objective="denoise",
         )
     )
     config.sample = ml_collections.ConfigDict(
@@ -88,13 +97,27 @@ def base_config() -> ml_collections.ConfigDict:
             spacing=placeholder(str),
             order=placeholder(int),
             lower_order_final=placeholder(bool),
+            max_step_ratio=placeholder(float),
             clip_x0=1.0,
             guidance_scale=placeholder(float),
+            classifier_workdir=placeholder(str),
+            classifier_scale=1.0,
             rho=placeholder(float),
             s_churn=placeholder(float),
             s_tmin=placeholder(float),
             s_tmax=placeholder(float),
             s_noise=placeholder(float),
+            predictor=placeholder(str),
+            corrector=placeholder(str),
+            snr=placeholder(float),
+            n_corrector=placeholder(int),
+            n_steps_each=placeholder(int),
+            step_lr=placeholder(float),
+            denoise_final=placeholder(bool),
+            ode_solver=placeholder(str),
+            rtol=placeholder(float),
+            atol=placeholder(float),
+            max_steps=placeholder(int),
         )
     )
     return config

@@ -1,14 +1,36 @@
 """Guidance as denoiser transforms: each turns a conditional network into a `model_fn(x_t, t)`
 that any sampler drives unchanged (DESIGN §4 'Denoiser').
+
+- Classifier-free guidance (Ho & Salimans 2022): `classifier_free`.
+- Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, §4): `classifier_grad` builds
+  s * grad_{x_t} log p(y | x_t, t) from a noise-aware classifier; `classifier_guided` applies it
+  to the denoiser (their Algorithm 2, for DDIM and every other eps-based sampler), and the
+  same gradient function is the `cond_fn` of ancestral DDPM sampling (their Algorithm 1).
 """
 
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import diffusion
+
 # (x_t [B, ...], t [B], cond [B] int labels) -> prediction [B, ...]
 ConditionalModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (x_t [B, ...], t [B]) -> logits (or log-probabilities) of a noise-aware classifier [B, K]
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+# (x_t [B, ...], t [B]) -> s * grad_{x_t} log p(y | x_t, t) [B, ...]; DDPM's `cond_fn`
+GradFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class HasAlphaSigma(Protocol):
+    """Anything that gives the noise level of a model time: `schedules.Schedule` (int t, the
+    training-schedule index) and the continuous processes of `diffusion_jax.sde` (float t)."""
+
+    def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps, each shaped like t."""
+        ...
 
 
 def classifier_free(
@@ -41,5 +63,89 @@ def classifier_free(
             inside = (t >= interval[0]) & (t <= interval[1])
             w = jnp.where(inside, w, 0.0).reshape((batch,) + (1,) * (x_t.ndim - 1))
         return conditional + w * (conditional - unconditional)
+
+    return guided
+
+
+def label_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """log p(y_b | x_b) = log_softmax(logits)[b, y_b]: logits [B, K], labels int [B] -> [B] float32.
+
+    Logits may be unnormalised or already log-probabilities (log_softmax is idempotent on them).
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, K]
+    return jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def classifier_grad(logits_fn: LogitsFn, labels: jax.Array, scale: float) -> GradFn:
+    """The classifier-guidance gradient g(x_t, t) = s * grad_{x_t} log p_phi(y | x_t, t), [B, ...].
+
+    Dhariwal & Nichol 2021 (arXiv 2105.05233), Algorithms 1 and 2; guided-diffusion's
+    `cond_fn`. `logits_fn(x_t, t)` is a noise-aware classifier p_phi(y | x_t, t) (logits or
+    log-probabilities [B, K]) called with the same model time t as the diffusion model;
+    `labels` int [B] are the target classes y.
+
+    Scale convention: `scale` is their gradient scale s (guided-diffusion's `classifier_scale`).
+    s * grad log p(y | x) = grad log p(y | x)^s, i.e. sampling from p(x | y) proportional to
+    p(x) p(y | x)^s up to normalisation: s = 1 is the exact class-conditional distribution
+    (with an exact classifier and denoiser), s > 1 sharpens it towards the classifier's modes,
+    s = 0 is the unconditional model.
+
+    The gradient is `jax.grad` of sum_b log p(y_b | x_b, t_b): since examples are independent
+    (the classifier mixes nothing across the batch; no batch norm), its slice b is the
+    per-example gradient of log p(y_b | x_b, t_b).
+    """
+
+    def grad_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        def total_log_prob(x: jax.Array) -> jax.Array:
+            return jnp.sum(label_log_prob(logits_fn(x, t), labels))
+
+        return (scale * jax.grad(total_log_prob)(x_t)).astype(x_t.dtype)  # [B, ...]
+
+    return grad_fn
+
+
+def classifier_guided(
+    model_fn: diffusion.ModelFn, grad_fn: GradFn, process: HasAlphaSigma, prediction: str
+) -> diffusion.ModelFn:
+    """Classifier guidance for DDIM-type samplers (Dhariwal & Nichol 2021, §4.2, Algorithm 2).
+
+    Returns a `model_fn(x_t, t)` of the same `prediction` kind ('eps' | 'x0' | 'v' | 'score') whose
+    noise estimate is
+
+        eps~(x_t) = eps_theta(x_t) - sigma_t * grad_fn(x_t, t)     (sigma_t = sqrt(1 - alpha-bar_t) for DDPM),
+
+    i.e. the score -eps~/sigma_t = grad log p(x_t) + s grad log p(y | x_t) of p(x_t) p(y | x_t)^s
+    (their score-based conditioning trick, after Song et al. 2021). The network output is
+    converted to (x_0, eps) and back with `diffusion.to_x0_eps` / `training_target`, with
+    x_0 = (x_t - sigma_t eps~) / alpha_t, as guided-diffusion's `condition_score` does; a score
+    model's output becomes score + s grad log p(y | x_t) (Song et al. 2021, arXiv 2011.13456, §5).
+    Being a denoiser transform, it drives any sampler: DDIM, DPM-Solver++, EDM, and DDPM too
+    (Algorithm 2 under an ancestral sampler; Algorithm 1 is DDPM's `cond_fn` instead).
+
+    Args:
+        model_fn: the (unconditional or conditional) denoiser, `model_fn(x_t, t)`.
+        grad_fn: s * grad_{x_t} log p(y | x_t, t) from `classifier_grad` (s inside).
+        process: gives (alpha_t, sigma_t) of the model time t through `alpha_sigma(t)`: the
+            *training* schedule for a discrete model (t is the training index the samplers
+            pass to `model_fn`), or a continuous process of `diffusion_jax.sde`.
+        prediction: what `model_fn` predicts.
+
+    For ancestral DDPM use Algorithm 1 instead: pass `grad_fn` itself as the sampler's
+    `cond_fn` (`samplers.get('ddpm')(..., cond_fn=grad_fn)`), which shifts each step's mean
+    to mu + Sigma * grad_fn(x_t, t), Sigma being that step's variance (§4.1, guided-diffusion's
+    `condition_mean`).
+    """
+    diffusion.check_prediction(prediction, diffusion.MODEL_OUTPUTS)
+
+    def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        alpha, sigma = process.alpha_sigma(t)  # [B] each
+        alpha = jnp.reshape(alpha, alpha.shape + (1,) * (x_t.ndim - alpha.ndim))  # [B, 1, ...]
+        sigma = jnp.reshape(sigma, sigma.shape + (1,) * (x_t.ndim - sigma.ndim))
+        eps = diffusion.to_x0_eps(model_fn(x_t, t), x_t, alpha, sigma, prediction).eps
+        eps = eps - sigma * grad_fn(x_t, t)  # eps~ of Algorithm 2, [B, ...]
+        if prediction == "score":
+            return diffusion.score_from_eps(eps, sigma).astype(x_t.dtype)
+        x0 = diffusion.x0_from_eps(x_t, eps, alpha, sigma)
+        return diffusion.training_target(x0, eps, alpha, sigma, prediction).astype(x_t.dtype)
 
     return guided

@@ -93,6 +93,7 @@ RULES: tuple[Rule, ...] = (
     Rule("training.keep_checkpoints", _optional(_int(1)), "None (keep all) or an int >= 1"),
     Rule("training.ema_decays", _seq(_UNIT), "a tuple of floats in [0, 1)"),
     Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
+    Rule("training.objective", lambda v: v in ("denoise", "classify"), "'denoise' or 'classify'", optional=True),
     Rule("sample.steps", _optional(_int(1)), "None (the sampler's default) or an int >= 1"),
     Rule("sample.num_samples", _int(1), "an int >= 1"),
     Rule("sample.batch_size", _int(1), "a positive int"),
@@ -100,6 +101,19 @@ RULES: tuple[Rule, ...] = (
     Rule("sample.png_scale", _int(1), "an int >= 1"),
     Rule("sample.eta", _optional(_real(0.0)), "None or a float >= 0"),
     Rule("sample.clip_x0", _optional(_real(0.0, open_low=True)), "None (no clipping) or a float > 0"),
+    Rule("sample.max_step_ratio", _optional(_real(1.0)), "None (no guard) or a float >= 1", optional=True),
+    Rule("sample.snr", _optional(_real(0.0, open_low=True)), "None or a float > 0", optional=True),
+    Rule("sample.n_corrector", _optional(_int(0)), "None or an int >= 0", optional=True),
+    Rule("sample.n_steps_each", _optional(_int(1)), "None or an int >= 1", optional=True),
+    Rule("sample.step_lr", _optional(_real(0.0, open_low=True)), "None or a float > 0", optional=True),
+    Rule("sample.rtol", _optional(_real(0.0, open_low=True)), "None or a float > 0", optional=True),
+    Rule("sample.atol", _optional(_real(0.0, open_low=True)), "None or a float > 0", optional=True),
+    Rule("sample.max_steps", _optional(_int(1)), "None or an int >= 1", optional=True),
+    Rule(
+        "sample.classifier_workdir", _optional(lambda v: isinstance(v, str) and bool(v)),
+        "None or the workdir of a training.objective='classify' run", optional=True,
+    ),
+    Rule("sample.classifier_scale", _real(0.0), "a float >= 0", optional=True),
 )
 
 
@@ -144,3 +158,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     steps, num_timesteps = config.sample.steps, config.diffusion.num_timesteps
     if steps is not None and steps > num_timesteps:
         raise ConfigError(f"sample.steps: got {steps}; expected at most diffusion.num_timesteps={num_timesteps}")
+    _check_objective(config)
+
+
+def _check_objective(config: ml_collections.ConfigDict) -> None:
+    """A noise-aware classifier ('classifier', logits) trains with 'classify'; every other model with 'denoise'."""
+    classify = _get(config, "training.objective") == "classify"
+    name, num_classes = _get(config, "model.name"), _get(config, "model.num_classes")
+    if classify and name != "classifier":
+        raise ConfigError(
+            "training.objective: 'classify' trains a noise-aware classifier; "
+            f"set model.name='classifier' (got {name!r})"
+        )
+    if not classify and name == "classifier":
+        raise ConfigError(
+            "model.name: 'classifier' outputs class logits, not a denoiser; set training.objective='classify'"
+        )
+    if classify and not (_is_int(num_classes) and num_classes >= 2):
+        raise ConfigError(f"model.num_classes: got {num_classes!r}; training.objective='classify' needs an int >= 2")

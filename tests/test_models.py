@@ -162,9 +162,9 @@ def test_state_is_params_only(cond_unet):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'x'; choose one of: mlp, unet"):
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'x'; choose one of: classifier, mlp, unet"):
         models.create("x", rngs=nnx.Rngs(0))
-    assert models.names() == ["mlp", "unet"]
+    assert models.names() == ["classifier", "mlp", "unet"]
 
 
 @pytest.mark.parametrize(

@@ -160,13 +160,17 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(digits_data_dir):
             np.testing.assert_array_equal(a, b)
 
 
+# orbax abandons its reads of the truncated files; their coroutines are collected later.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, digits_data_dir, caplog):
     config = tiny_digits_config(digits_data_dir)
     config.training.update(num_steps=4, checkpoint_every=2, sample_every=0)
     train(config, tmp_path)
+    # Every data file truncated: which file holds which array depends on orbax's write timing.
     data_files = sorted((tmp_path / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    for data_file in data_files:
+        data_file.write_bytes(data_file.read_bytes()[:16])
     damaged = data_files[-1]
-    damaged.write_bytes(damaged.read_bytes()[:16])  # truncated
 
     exp = experiment.build(config)
     checkpointer = Checkpointer(tmp_path / "checkpoints")

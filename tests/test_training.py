@@ -86,7 +86,7 @@ def test_swissroll_learns_and_samples_land_on_the_roll(tmp_path):
     assert trained.shape == (512, 2)
     # The same sampler driven by the untrained (step-0) parameters.
     exp = experiment.build(config)
-    untrained = np.asarray(exp.sample_fn(exp.initial_state.params, jax.random.key(0)))
+    untrained = np.asarray(exp.sample_fn(exp.initial_state.params, jax.random.key(0))[0])
     d_trained = np.median(nearest_distance(trained, held_out))
     d_untrained = np.median(nearest_distance(untrained, held_out))
     assert d_trained < 0.15 < d_untrained, (d_trained, d_untrained)
@@ -141,7 +141,7 @@ def test_warmup_schedule():
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("model.name", "resnet", "model.name: unknown model 'resnet'; choose one of: mlp, unet"),
+        ("model.name", "resnet", "model.name: unknown model 'resnet'; choose one of: classifier, mlp, unet"),
         ("sample.sampler", "plms", "sample.sampler: unknown sampler 'plms'; choose one of: ddim, ddpm"),
         ("diffusion.schedule", "cosin", "diffusion.schedule: unknown schedule 'cosin'"),
         ("data.name", "mnist", "data.name: unknown dataset 'mnist'"),
@@ -217,5 +217,6 @@ def test_class_conditional_sampling_with_guidance(digits_data_dir):
     config.model.num_classes = 10
     config.sample.guidance_scale = 3.0
     exp = experiment.build(config)
-    samples = exp.sample_fn(exp.initial_state.params, jax.random.key(0))
+    samples, nfe = exp.sample_fn(exp.initial_state.params, jax.random.key(0))
+    assert int(nfe) == config.sample.steps
     assert samples.shape == (8, 8, 8, 1) and bool(jnp.isfinite(samples).all())

@@ -2,7 +2,8 @@
 
 Every model is a Flax NNX module called as
 `model(x, t, cond=None, train=False, *, rngs=None)` and returns an array shaped
-like `x` (twice the channels with `learn_sigma=True`). Models hold only
+like `x` (twice the channels with `learn_sigma=True`); the noise-aware classifier
+('classifier') returns logits [B, num_classes] instead. Models hold only
 `nnx.Param` state; dropout keys come from the call (`rngs=nnx.Rngs(dropout=key)`).
 """
 
@@ -12,11 +13,13 @@ import jax
 from flax import nnx
 
 from diffusion_jax.models import layers
+from diffusion_jax.models.classifier import EncoderUNet
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.registry import Registry
 
 MODELS: Registry[type[nnx.Module]] = Registry("model", "model.name")
+MODELS.register("classifier")(EncoderUNet)
 MODELS.register("mlp")(MLP)
 MODELS.register("unet")(UNet)
 
@@ -43,4 +46,4 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-__all__ = ["MLP", "MODELS", "UNet", "count_params", "create", "layers", "names"]
+__all__ = ["MLP", "MODELS", "EncoderUNet", "UNet", "count_params", "create", "layers", "names"]

@@ -206,7 +206,157 @@ def _fmt(values: Sequence[int]) -> str:
     return "(" + ",".join(str(v) for v in values) + ")"
 
 
-class UNet(nnx.Module):
+class Blocks:
+    """The checked U-Net hyperparameters and factories for its blocks.
+
+    Used at construction only (it is not a module and holds no parameters), by the
+    U-Net and by the encoder-only classifier (`models.classifier.EncoderUNet`), so the
+    two build the same down path and middle block from the same arguments.
+
+    Raises:
+        ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
+            attention resolution is never visited, or heads do not divide the channels.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        dropout: float,
+        num_heads: int,
+        num_head_channels: int | None,
+        use_scale_shift_norm: bool,
+        resblock_updown: bool,
+        *,
+        rngs: nnx.Rngs,
+        dtype: DTypeLike,
+    ):
+        ch_mult = tuple(ch_mult)
+        attn_resolutions = tuple(attn_resolutions)
+        if not ch_mult:
+            raise ConfigError("model.ch_mult: needs at least one level, e.g. (1, 2, 2, 2)")
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor:
+            raise ConfigError(
+                f"data.image_size: {image_size} cannot be halved {len(ch_mult) - 1} times by "
+                f"model.ch_mult={_fmt(ch_mult)}; use a multiple of {factor}"
+            )
+        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+        unvisited = [r for r in attn_resolutions if r not in resolutions]
+        if unvisited:
+            raise ConfigError(
+                f"model.attn_resolutions: {_fmt(unvisited)} never visited; with "
+                f"data.image_size={image_size} and model.ch_mult={_fmt(ch_mult)} the U-Net "
+                f"visits {', '.join(map(str, resolutions))}"
+            )
+        attn_channels = {ch * m for m, r in zip(ch_mult, resolutions, strict=True) if r in attn_resolutions}
+        attn_channels.add(ch * ch_mult[-1])  # the middle block always attends
+        for c in sorted(attn_channels):
+            if num_head_channels is not None and c % num_head_channels:
+                raise ConfigError(
+                    f"model.num_head_channels: {num_head_channels} does not divide the {c} "
+                    f"channels of an attention block; use a divisor of {c}"
+                )
+            if num_head_channels is None and c % num_heads:
+                raise ConfigError(
+                    f"model.num_heads: {num_heads} does not divide the {c} channels of an "
+                    f"attention block; use a divisor of {c}"
+                )
+        self.image_size = image_size
+        self.ch = ch
+        self.ch_mult = ch_mult
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = attn_resolutions
+        self.resolutions = resolutions
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.resblock_updown = resblock_updown
+        self.emb_dim = 4 * ch
+        self.rngs = rngs
+        self.dtype = dtype
+        self.res_kw = dict(
+            emb_dim=self.emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rngs=rngs, dtype=dtype
+        )
+
+    def res_block(self, cin: int, cout: int) -> ResBlock:
+        return ResBlock(cin, cout, **self.res_kw)
+
+    def attention(self, channels: int) -> AttentionBlock:
+        heads = self.num_heads if self.num_head_channels is None else channels // self.num_head_channels
+        return AttentionBlock(channels, num_heads=heads, rngs=self.rngs, dtype=self.dtype)
+
+    def stage(self, cin: int, cout: int, res: int) -> Stage:
+        """A ResBlock cin -> cout, then attention if `res` is in `attn_resolutions`."""
+        return Stage(self.res_block(cin, cout), self.attention(cout) if res in self.attn_resolutions else None)
+
+    def resample(self, channels: int, direction: Direction) -> Resample:
+        return Resample(channels, direction, resblock=self.resblock_updown, **self.res_kw)
+
+
+class Encoder(nnx.Module):
+    """The U-Net's first half: condition embedding, conv_in, the down path and the middle block.
+
+    A base class: `UNet` adds the up path and `models.classifier.EncoderUNet` a pooled
+    head. Both keep the same attribute names (`cond`, `conv_in`, `down`, `mid_*`), so the
+    parameter paths and the initialisation order are those of the original U-Net.
+    """
+
+    def _build_encoder(self, blocks: Blocks, in_channels: int, num_classes: int | None) -> list[int]:
+        """Builds the encoder; returns the widths of the activations a decoder concatenates."""
+        ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
+        self.image_size = blocks.image_size
+        self.in_channels = in_channels
+        self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, rngs=rngs, dtype=dtype)
+        self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
+
+        skip_chans = [ch]  # widths of the activations the up path will concatenate
+        cur = ch
+        down = []
+        for i, (mult, res) in enumerate(zip(blocks.ch_mult, blocks.resolutions, strict=True)):
+            stages = []
+            for _ in range(blocks.num_res_blocks):
+                stages.append(blocks.stage(cur, ch * mult, res))
+                cur = ch * mult
+                skip_chans.append(cur)
+            last = i == len(blocks.ch_mult) - 1
+            down.append(Level(stages, None if last else blocks.resample(cur, "down")))
+            if not last:
+                skip_chans.append(cur)
+        self.down = nnx.List(down)
+
+        self.mid_block1 = blocks.res_block(cur, cur)
+        self.mid_attn = blocks.attention(cur)
+        self.mid_block2 = blocks.res_block(cur, cur)
+        return skip_chans
+
+    def _encode(
+        self, x: jax.Array, t: jax.Array, cond: jax.Array | None, train: bool, rngs: nnx.Rngs | None
+    ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+        """x [B, H, W, C] -> (middle output [B, H/2^(L-1), W/2^(L-1), ch*ch_mult[-1]],
+        the skip activations, the embedding [B, 4ch])."""
+        expected = (self.image_size, self.image_size, self.in_channels)
+        if x.shape[1:] != expected:
+            raise ValueError(f"x: {type(self).__name__} expects [B, {', '.join(map(str, expected))}], got {x.shape}")
+        emb = self.cond(t, cond)  # [B, 4ch]
+        h = self.conv_in(x)  # [B, H, W, ch]
+        hs = [h]
+        for level in self.down:
+            for stage in level.stages:
+                h = stage(h, emb, train, rngs)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb, train, rngs)
+                hs.append(h)
+        h = self.mid_block1(h, emb, train, rngs)
+        h = self.mid_attn(h)
+        h = self.mid_block2(h, emb, train, rngs)
+        return h, hs, emb
+
+
+class UNet(Encoder):
     """The DDPM / ADM U-Net denoiser for NHWC images.
 
     conv_in -> per level: `num_res_blocks` ResBlocks (+attention at
@@ -258,91 +408,20 @@ class UNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
-        ch_mult = tuple(ch_mult)
-        attn_resolutions = tuple(attn_resolutions)
-        if not ch_mult:
-            raise ConfigError("model.ch_mult: needs at least one level, e.g. (1, 2, 2, 2)")
-        factor = 2 ** (len(ch_mult) - 1)
-        if image_size % factor:
-            raise ConfigError(
-                f"data.image_size: {image_size} cannot be halved {len(ch_mult) - 1} times by "
-                f"model.ch_mult={_fmt(ch_mult)}; use a multiple of {factor}"
-            )
-        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
-        unvisited = [r for r in attn_resolutions if r not in resolutions]
-        if unvisited:
-            raise ConfigError(
-                f"model.attn_resolutions: {_fmt(unvisited)} never visited; with "
-                f"data.image_size={image_size} and model.ch_mult={_fmt(ch_mult)} the U-Net "
-                f"visits {', '.join(map(str, resolutions))}"
-            )
-        attn_channels = {ch * m for m, r in zip(ch_mult, resolutions, strict=True) if r in attn_resolutions}
-        attn_channels.add(ch * ch_mult[-1])  # the middle block always attends
-        for c in sorted(attn_channels):
-            if num_head_channels is not None and c % num_head_channels:
-                raise ConfigError(
-                    f"model.num_head_channels: {num_head_channels} does not divide the {c} "
-                    f"channels of an attention block; use a divisor of {c}"
-                )
-            if num_head_channels is None and c % num_heads:
-                raise ConfigError(
-                    f"model.num_heads: {num_heads} does not divide the {c} channels of an "
-                    f"attention block; use a divisor of {c}"
-                )
-
-        def heads(c: int) -> int:
-            return num_heads if num_head_channels is None else c // num_head_channels
-
-        self.image_size = image_size
-        self.in_channels = in_channels
-        emb_dim = 4 * ch
-        res_kw = dict(
-            emb_dim=emb_dim,
-            dropout=dropout,
-            use_scale_shift_norm=use_scale_shift_norm,
-            rngs=rngs,
-            dtype=dtype,
+        blocks = Blocks(
+            image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads, num_head_channels,
+            use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype,
         )
+        skip_chans = self._build_encoder(blocks, in_channels, num_classes)
 
-        def stage(cin: int, cout: int, res: int) -> Stage:
-            res_block = ResBlock(cin, cout, **res_kw)
-            attn = (
-                AttentionBlock(cout, num_heads=heads(cout), rngs=rngs, dtype=dtype) if res in attn_resolutions else None
-            )
-            return Stage(res_block, attn)
-
-        def resample(c: int, direction: Direction) -> Resample:
-            return Resample(c, direction, resblock=resblock_updown, **res_kw)
-
-        self.cond = ConditionEmbedder(ch, emb_dim, num_classes, rngs=rngs, dtype=dtype)
-        self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
-
-        skip_chans = [ch]  # widths of the activations the up path will concatenate
-        cur = ch
-        down = []
-        for i, (mult, res) in enumerate(zip(ch_mult, resolutions, strict=True)):
-            stages = []
-            for _ in range(num_res_blocks):
-                stages.append(stage(cur, ch * mult, res))
-                cur = ch * mult
-                skip_chans.append(cur)
-            last = i == len(ch_mult) - 1
-            down.append(Level(stages, None if last else resample(cur, "down")))
-            if not last:
-                skip_chans.append(cur)
-        self.down = nnx.List(down)
-
-        self.mid_block1 = ResBlock(cur, cur, **res_kw)
-        self.mid_attn = AttentionBlock(cur, num_heads=heads(cur), rngs=rngs, dtype=dtype)
-        self.mid_block2 = ResBlock(cur, cur, **res_kw)
-
+        cur = ch * blocks.ch_mult[-1]
         up = []
-        for i in reversed(range(len(ch_mult))):
+        for i in reversed(range(len(blocks.ch_mult))):
             stages = []
             for _ in range(num_res_blocks + 1):
-                stages.append(stage(cur + skip_chans.pop(), ch * ch_mult[i], resolutions[i]))
-                cur = ch * ch_mult[i]
-            up.append(Level(stages, None if i == 0 else resample(cur, "up")))
+                stages.append(blocks.stage(cur + skip_chans.pop(), ch * blocks.ch_mult[i], blocks.resolutions[i]))
+                cur = ch * blocks.ch_mult[i]
+            up.append(Level(stages, None if i == 0 else blocks.resample(cur, "up")))
         self.up = nnx.List(up)
 
         self.norm_out = group_norm(cur, rngs=rngs, dtype=dtype)
@@ -370,22 +449,7 @@ class UNet(nnx.Module):
         Returns:
             [B, H, W, C], or [B, H, W, 2C] with learn_sigma (mean output, then variance output).
         """
-        expected = (self.image_size, self.image_size, self.in_channels)
-        if x.shape[1:] != expected:
-            raise ValueError(f"x: UNet expects [B, {', '.join(map(str, expected))}], got {x.shape}")
-        emb = self.cond(t, cond)  # [B, 4ch]
-        h = self.conv_in(x)  # [B, H, W, ch]
-        hs = [h]
-        for level in self.down:
-            for stage in level.stages:
-                h = stage(h, emb, train, rngs)
-                hs.append(h)
-            if level.resample is not None:
-                h = level.resample(h, emb, train, rngs)
-                hs.append(h)
-        h = self.mid_block1(h, emb, train, rngs)
-        h = self.mid_attn(h)
-        h = self.mid_block2(h, emb, train, rngs)
+        h, hs, emb = self._encode(x, t, cond, train, rngs)
         for level in self.up:
             for stage in level.stages:
                 h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs)

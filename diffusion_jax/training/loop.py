@@ -67,7 +67,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains `config` in `workdir`, resuming from its newest good checkpoint if there is one.
 
     Writes `config.json`, `checkpoints/`, TensorBoard events, `metrics.jsonl` and
-    `samples/` (DESIGN §4 'Workdir'). On SIGTERM (or a multi-host preemption notice)
+    `samples/` (DESIGN §4 'Workdir'; a `training.objective='classify'` run draws no samples
+    and logs its accuracy on noised images instead). On SIGTERM (or a multi-host preemption notice)
     it saves the current step and returns. Returns the final train state.
     """
     workdir = Path(workdir)
@@ -122,6 +123,8 @@ def _run(
     progress = Progress(start_step, training.num_steps)
     metrics = _Metrics(training.on_nonfinite)
     sample_key = jax.random.fold_in(exp.root_key, 2)
+    classify = training.get("objective", "denoise") == "classify"  # a classifier has no samples to draw
+    shown = ("loss", "accuracy", "grad_norm") if classify else ("loss", "grad_norm")
     last_saved = checkpointer.latest_step()
     started = time.perf_counter()
 
@@ -144,17 +147,17 @@ def _run(
                 progress.update(step)
                 scalars = metrics.averages() | {"steps_per_sec": progress.steps_per_sec}
                 writer.write_scalars(step, scalars)
-                logging.info(progress.line(step, {k: scalars[k] for k in ("loss", "grad_norm")}))
+                logging.info(progress.line(step, {k: scalars[k] for k in shown}))
             if _every(step, training.checkpoint_every, training.num_steps):
                 metrics.drain(last_saved)
                 checkpointer.save(step, state, config)
                 last_saved = step
-            if _every(step, training.sample_every, training.num_steps):
+            if not classify and _every(step, training.sample_every, training.num_steps):
                 metrics.drain(last_saved)
                 with progress.excluded():
                     params = experiment.sampling_params(config, state)
-                    samples = generate(exp.sample_fn, params, jax.random.fold_in(sample_key, step),
-                                       config.sample.num_samples)
+                    samples, _ = generate(exp.sample_fn, params, jax.random.fold_in(sample_key, step),
+                                          config.sample.num_samples)
                     if jax.process_index() == 0:
                         png, _ = save_samples(workdir / "samples", step, samples, scale=config.sample.png_scale)
                         logging.info("Wrote %s", png)

@@ -5,9 +5,11 @@ and `samples_<step>.npz` holds `arr_0`: uint8 [N, H, W, C] images, the layout th
 ADM (guided-diffusion) evaluator reads, or float32 [N, D] points.
 """
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +19,80 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import guidance
+from diffusion_jax import data, guidance
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
-from diffusion_jax.training.setup import model_apply, sampler_from_config
+from diffusion_jax.training import mesh as mesh_lib
+from diffusion_jax.training import optimizer
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.setup import build_model, model_apply, sampler_from_config
 
-SampleFn = Callable[[nnx.State, jax.Array], jax.Array]  # (params, key) -> x_0 [B, ...]
+# (params, key) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used)
+SampleFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class Classifier(NamedTuple):
+    """A trained noise-aware classifier: the model's graphdef, its parameters and its classes."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    num_classes: int
+
+
+def load_classifier(
+    config: ml_collections.ConfigDict, example_shape: tuple[int, ...], sharding: NamedSharding
+) -> Classifier | None:
+    """The classifier of `sample.classifier_workdir` (None when unset), restored and replicated.
+
+    That workdir's `config.json` gives the model and its newest checkpoint the weights (the
+    EMA its own `sample.ema_decay` names). It must be a `training.objective='classify'` run on
+    this run's data shape and noise schedule, since the classifier is called at the diffusion
+    model's times t; anything else is a one-line ConfigError naming `sample.classifier_workdir`.
+    """
+    from diffusion_jax.training import experiment  # experiment imports this module
+
+    workdir = config.sample.get("classifier_workdir")
+    if workdir is None:
+        return None
+    field = f"sample.classifier_workdir: {workdir}"
+    config_file = Path(workdir) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{field} has no config.json; train a classifier there first (training.objective='classify')")
+    cls_config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    objective = cls_config.get("training", {}).get("objective", "denoise")
+    if objective != "classify":
+        raise ConfigError(f"{field} is not a classifier run (its training.objective is {objective!r}, not 'classify')")
+    ours = (config.diffusion.schedule, config.diffusion.num_timesteps)
+    theirs = (cls_config.diffusion.schedule, cls_config.diffusion.num_timesteps)
+    if theirs != ours:
+        raise ConfigError(
+            f"{field} holds a classifier of diffusion.schedule={theirs[0]!r}, num_timesteps={theirs[1]}; "
+            f"guiding this model needs the same noise levels ({ours[0]!r}, {ours[1]})"
+        )
+    shape = tuple(data.example_shape(cls_config.data))
+    if shape != tuple(example_shape):
+        raise ConfigError(f"{field} holds a classifier of inputs {shape}; this model makes {tuple(example_shape)}")
+    graphdef, init_params = build_model(cls_config, example_shape)
+    tx = optimizer.make_optimizer(cls_config.optim, cls_config.training.num_steps)
+    abstract = jax.eval_shape(
+        lambda key: state_lib.create(init_params(key), tx, len(cls_config.training.ema_decays), key), jax.random.key(0)
+    )
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    try:
+        state = checkpointer.restore_or_none(abstract_like(abstract, mesh_lib.replicated(sharding.mesh)))
+    finally:
+        checkpointer.close()
+    if state is None:
+        raise ConfigError(f"{field} has no checkpoint; train the classifier first (training.objective='classify')")
+    return Classifier(graphdef, experiment.sampling_params(cls_config, state), int(cls_config.model.num_classes))
+
+
+def _no_samples(params: nnx.State, key: jax.Array) -> jax.Array:
+    raise ConfigError(
+        "training.objective: a 'classify' run trains a noise-aware classifier and draws no samples; "
+        "use its workdir as sample.classifier_workdir of a diffusion run"
+    )
 
 
 def make_sample_fn(
@@ -39,17 +109,36 @@ def make_sample_fn(
     conditional models get labels 0, 1, 2, ... cycling over the classes, and with
     `sample.guidance_scale` = s classifier-free guidance (s = 1 + w of Ho & Salimans:
     s = 1 is the conditional model; see `guidance.classifier_free`).
+
+    With `sample.classifier_workdir` (see `load_classifier`), classifier guidance at scale
+    `sample.classifier_scale` towards the same cycling labels (Dhariwal & Nichol 2021):
+    Algorithm 1, the `cond_fn` mean shift, under the 'ddpm' sampler, and Algorithm 2,
+    `guidance.classifier_guided` on the denoiser, under every other sampler. It composes
+    with classifier-free guidance. A `training.objective='classify'` run draws no samples:
+    its sample function raises a ConfigError.
     """
+    if config.training.get("objective", "denoise") == "classify":
+        return _no_samples
     sampler, options = sampler_from_config(config.sample)
     batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
-    labels = None if num_classes is None else jnp.arange(batch_size, dtype=jnp.int32) % num_classes
     guidance_scale = config.sample.get("guidance_scale")
     if guidance_scale is not None and num_classes is None:
         raise ConfigError("sample.guidance_scale: classifier-free guidance needs a class-conditional model "
                           "(set model.num_classes)")
+    classifier = load_classifier(config, example_shape, sharding)
+    if classifier is not None and num_classes is not None and classifier.num_classes != num_classes:
+        raise ConfigError(
+            f"sample.classifier_workdir: its classifier has {classifier.num_classes} classes; this model's "
+            f"model.num_classes is {num_classes}"
+        )
+    label_classes = num_classes if classifier is None else classifier.num_classes
+    labels = None if label_classes is None else jnp.arange(batch_size, dtype=jnp.int32) % label_classes
+    model_labels = labels if num_classes is not None else None  # what the diffusion model is given
 
-    def sample(params: nnx.State, key: jax.Array) -> jax.Array:
+    def sample(
+        params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         noise_key, chain_key = jax.random.split(key)
         x_T = jax.random.normal(noise_key, (batch_size, *example_shape), jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
@@ -58,24 +147,44 @@ def make_sample_fn(
             return model_apply(graphdef, params, x_t, t, cond)
 
         if guidance_scale is not None and guidance_scale != 1.0:
-            model_fn = guidance.classifier_free(network, labels, num_classes, guidance_scale - 1.0)
+            model_fn = guidance.classifier_free(network, model_labels, num_classes, guidance_scale - 1.0)
         else:
 
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return network(x_t, t, labels)
+                return network(x_t, t, model_labels)
 
-        return sampler(model_fn, schedule, chain_key, x_T, prediction=config.diffusion.prediction, **options)
+        sampler_options = options
+        if classifier is not None:
 
-    return jax.jit(sample, out_shardings=sharding)
+            def logits_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:  # [B, K]
+                return model_apply(classifier.graphdef, classifier_params, x_t, t)
+
+            grad_fn = guidance.classifier_grad(logits_fn, labels, config.sample.classifier_scale)
+            if config.sample.sampler == "ddpm":  # Algorithm 1: the ancestral mean shift
+                sampler_options = {**options, "cond_fn": grad_fn}
+            else:  # Algorithm 2: eps - sigma_t * grad on the denoiser
+                model_fn = guidance.classifier_guided(model_fn, grad_fn, schedule, config.diffusion.prediction)
+
+        x0, info = sampler(
+            model_fn, schedule, chain_key, x_T, prediction=config.diffusion.prediction, return_info=True,
+            **sampler_options,
+        )
+        return x0, info.nfe
+
+    jitted = jax.jit(sample, out_shardings=(sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())))
+    classifier_params = None if classifier is None else classifier.params
+    return lambda params, key: jitted(params, classifier_params, key)
 
 
-def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> np.ndarray:
-    """Calls `sample_fn` until `num_samples` samples exist; float32 [N, ...] on the host."""
-    batches, drawn = [], 0
-    while drawn < num_samples:
-        batches.append(np.asarray(jax.device_get(sample_fn(params, jax.random.fold_in(key, len(batches))))))
-        drawn += batches[-1].shape[0]
-    return np.concatenate(batches)[:num_samples]
+def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> tuple[np.ndarray, int]:
+    """Calls `sample_fn` until `num_samples` samples exist: (float32 [N, ...] on the host, the most
+    network evaluations a batch used; adaptive samplers differ between batches)."""
+    batches, nfe = [], 0
+    while sum(len(b) for b in batches) < num_samples:
+        x0, batch_nfe = jax.device_get(sample_fn(params, jax.random.fold_in(key, len(batches))))
+        batches.append(np.asarray(x0))
+        nfe = max(nfe, int(batch_nfe))
+    return np.concatenate(batches)[:num_samples], nfe
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

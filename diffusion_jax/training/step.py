@@ -8,7 +8,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import diffusion
+from diffusion_jax import classifier_loss, diffusion
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply
 from diffusion_jax.training.state import TrainState, update_emas
@@ -25,12 +25,15 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
-    The loss is `diffusion.simple_loss` on the global batch. Under `jax.jit` with the
-    batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
+    The loss is `diffusion.simple_loss` on the global batch, or with
+    `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
+    images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`). Under
+    `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
     step runs on 1 or N devices (no shard_map, hence none of its pmean-after-grad
     trap, shared/notes/stack-2026-11.md).
     """
-    class_conditional = config.model.get("num_classes") is not None
+    classify = config.training.get("objective", "denoise") == "classify"
+    class_conditional = config.model.get("num_classes") is not None and not classify
     decays = tuple(config.training.ema_decays)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -41,6 +44,9 @@ def make_train_step(
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return model_apply(graphdef, params, x_t, t, cond, train=True, dropout_key=dropout_key)
 
+            if classify:  # model_fn returns logits [B, K]; the labels are the targets
+                images, labels = batch["image"], batch["label"]
+                return classifier_loss.noisy_classifier_loss(model_fn, schedule, images, labels, loss_key)
             return diffusion.simple_loss(
                 model_fn,
                 schedule,
@@ -51,7 +57,7 @@ def make_train_step(
                 min_snr_gamma=config.diffusion.min_snr_gamma,
             )
 
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -72,6 +78,8 @@ def make_train_step(
             "learning_rate": lr_schedule(state.step),
             "nonfinite": (~finite).astype(jnp.int32),
         }
+        if classify:
+            metrics["accuracy"] = aux["accuracy"]
         return new_state, metrics
 
     return train_step
