@@ -182,7 +182,7 @@ def sigmoid(num_timesteps: int = 1000, **kwargs: float) -> Schedule:
     return get("sigmoid", num_timesteps, **kwargs)
 
 
-SPACINGS = ("linspace", "uniform", "trailing", "quadratic", "logsnr", "karras")
+SPACINGS = ("linspace", "uniform", "leading", "trailing", "quadratic", "logsnr", "karras")
 
 
 def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
@@ -190,7 +190,8 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
 
     - 'linspace': evenly spaced with rounding, always keeping 0 and T-1
       (improved DDPM's `space_timesteps` with one section; DiT's 250-step sampling).
-    - 'uniform':  tau_i = i * floor(T / S) (DDIM, Song et al. 2020, Appendix D.2).
+    - 'uniform' (also called 'leading'): tau_i = i * floor(T / S) (DDIM, Song et al. 2020,
+      Appendix D.2; diffusers' 'leading' without its `steps_offset`).
     - 'trailing': round(T - i T / S) - 1, always keeping T-1 (Lin et al. 2024,
       arXiv 2305.08891, Table 2; diffusers' 'trailing').
     - 'quadratic': tau_i = floor((i * sqrt(0.8 T) / (S - 1))^2) (DDIM, Appendix D.2).
@@ -202,7 +203,7 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -
         raise ConfigError(f"sample.steps must be in [1, {num_timesteps}], got {steps}")
     if spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
-    elif spacing == "uniform":
+    elif spacing in ("uniform", "leading"):
         ts = np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
     elif spacing == "trailing":
         ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64)[::-1] - 1

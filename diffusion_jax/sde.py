@@ -97,7 +97,7 @@ class Process(abc.ABC):
     def sampling_times(self, steps: int, spacing: str, rho: float = 7.0) -> np.ndarray:
         """`steps` model times in [t_min, t_max], increasing, float64, following `spacing`:
 
-        - 'linspace' (also 'uniform' and 'trailing', which differ only in how discrete
+        - 'linspace' (also 'uniform', 'leading' and 'trailing', which differ only in how discrete
           schedules round): uniform in t, as score_sde's samplers step;
         - 'quadratic': t_min + (t_max - t_min) u^2 for uniform u (DDIM's quadratic, continuous);
         - 'logsnr': uniform in lambda (DPM-Solver, Lu et al. 2022, §3.3);
@@ -106,7 +106,7 @@ class Process(abc.ABC):
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"sample.steps: got {steps!r}; expected an int >= 1")
         u = np.linspace(0.0, 1.0, steps)
-        if spacing in ("linspace", "uniform", "trailing"):
+        if spacing in ("linspace", "uniform", "leading", "trailing"):
             return self.t_min + (self.t_max - self.t_min) * u
         if spacing == "quadratic":
             return self.t_min + (self.t_max - self.t_min) * u**2
@@ -119,7 +119,7 @@ class Process(abc.ABC):
         else:
             raise ConfigError(
                 "sample.spacing: unknown spacing "
-                f"{spacing!r}; choose one of: karras, linspace, logsnr, quadratic, trailing, uniform"
+                f"{spacing!r}; choose one of: karras, leading, linspace, logsnr, quadratic, trailing, uniform"
             )
         times = np.clip(self.time_at_log_snr(lam), self.t_min, self.t_max)
         times[0], times[-1] = self.t_min, self.t_max  # exact ends despite round-off

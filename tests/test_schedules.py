@@ -60,6 +60,7 @@ def test_derived_arrays():
 
 def test_spacings_follow_the_papers():
     np.testing.assert_array_equal(schedules.space_timesteps(1000, 50, "uniform"), np.arange(0, 1000, 20))
+    np.testing.assert_array_equal(schedules.space_timesteps(1000, 50, "leading"), np.arange(0, 1000, 20))
     quad = schedules.space_timesteps(1000, 10, "quadratic")
     np.testing.assert_array_equal(quad, (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int))
     np.testing.assert_array_equal(schedules.space_timesteps(1000, 4, "trailing"), [249, 499, 749, 999])
