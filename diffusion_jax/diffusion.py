@@ -26,14 +26,14 @@ WEIGHTINGS = ("none", "snr", "truncated_snr", "min_snr")
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B,...], t [B]) -> prediction
 
 
-def _bcast(values: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshapes per-example values [B] to broadcast against x [B, ...]."""
+def per_example(values: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshapes per-example values [B] to broadcast against x [B, ...]: [B, 1, ...]."""
     return jnp.reshape(values, values.shape + (1,) * (x.ndim - values.ndim))
 
 
 def extract(array: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     """array[t] shaped to broadcast against x: [T], [B] int, [B, ...] -> [B, 1, ...]."""
-    return _bcast(array[t], x)
+    return per_example(array[t], x)
 
 
 # --- forward process and posterior -------------------------------------------------------

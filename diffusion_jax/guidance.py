@@ -138,9 +138,7 @@ def classifier_guided(
     diffusion.check_prediction(prediction, diffusion.MODEL_OUTPUTS)
 
     def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        alpha, sigma = process.alpha_sigma(t)  # [B] each
-        alpha = jnp.reshape(alpha, alpha.shape + (1,) * (x_t.ndim - alpha.ndim))  # [B, 1, ...]
-        sigma = jnp.reshape(sigma, sigma.shape + (1,) * (x_t.ndim - sigma.ndim))
+        alpha, sigma = (diffusion.per_example(c, x_t) for c in process.alpha_sigma(t))  # [B, 1, ...] each
         eps = diffusion.to_x0_eps(model_fn(x_t, t), x_t, alpha, sigma, prediction).eps
         eps = eps - sigma * grad_fn(x_t, t)  # eps~ of Algorithm 2, [B, ...]
         if prediction == "score":

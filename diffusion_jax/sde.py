@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.interpolate
 
+from diffusion_jax.diffusion import per_example
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.registry import Registry
 
@@ -41,10 +42,6 @@ PROCESSES: Registry[type] = Registry("process", "diffusion.process")
 def _xp(t: Array) -> Any:
     """NumPy for NumPy inputs (float64 on the host), jax.numpy otherwise."""
     return np if isinstance(t, np.ndarray | float | int) else jnp
-
-
-def _bcast(values: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.reshape(values, jnp.shape(values) + (1,) * (x.ndim - jnp.ndim(values)))
 
 
 class Process(abc.ABC):
@@ -79,12 +76,12 @@ class Process(abc.ABC):
     def reverse_drift(self, x: jax.Array, t: jax.Array, score: jax.Array) -> jax.Array:
         """Drift of the reverse-time SDE, f - g^2 score (Song et al. 2021, Eq. 6); t: [B]."""
         drift, diffusion = self.sde(x, t)
-        return drift - _bcast(diffusion, x) ** 2 * score
+        return drift - per_example(diffusion, x) ** 2 * score
 
     def probability_flow_drift(self, x: jax.Array, t: jax.Array, score: jax.Array) -> jax.Array:
         """dx/dt of the probability-flow ODE, f - g^2 score / 2 (Song et al. 2021, Eq. 13)."""
         drift, diffusion = self.sde(x, t)
-        return drift - 0.5 * _bcast(diffusion, x) ** 2 * score
+        return drift - 0.5 * per_example(diffusion, x) ** 2 * score
 
     def prior_sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """x_T ~ N(0, prior_std^2 I), float32 `shape`."""
@@ -167,7 +164,7 @@ class VPSDE(Process):
 
     def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         beta = self.beta(t)
-        return -0.5 * _bcast(beta, x) * x, jnp.sqrt(beta)
+        return -0.5 * per_example(beta, x) * x, jnp.sqrt(beta)
 
     @property
     def prior_std(self) -> float:
@@ -196,7 +193,7 @@ class SubVPSDE(VPSDE):
 
     def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         beta = self.beta(t)
-        return -0.5 * _bcast(beta, x) * x, jnp.sqrt(-beta * jnp.expm1(4.0 * self.log_alpha(t)))
+        return -0.5 * per_example(beta, x) * x, jnp.sqrt(-beta * jnp.expm1(4.0 * self.log_alpha(t)))
 
 
 @PROCESSES.register("ve")
@@ -317,7 +314,7 @@ class DiscreteVP(Process):
     def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         c, dt, _ = self._segment(t)
         f = jnp.minimum((3.0 * c[0] * dt + 2.0 * c[1]) * dt + c[2], 0.0)  # d log alpha / dt <= 0
-        return _bcast(f, x) * x, jnp.sqrt(-2.0 * f)
+        return per_example(f, x) * x, jnp.sqrt(-2.0 * f)
 
     @property
     def prior_std(self) -> float:
@@ -386,6 +383,6 @@ def precondition(
 
     def denoiser(x: jax.Array, sigma: jax.Array) -> jax.Array:
         c = preconditioning(kind, sigma, sigma_data)
-        return _bcast(c.c_skip, x) * x + _bcast(c.c_out, x) * backbone(_bcast(c.c_in, x) * x, c.c_noise)
+        return per_example(c.c_skip, x) * x + per_example(c.c_out, x) * backbone(per_example(c.c_in, x) * x, c.c_noise)
 
     return denoiser

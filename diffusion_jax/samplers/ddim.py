@@ -106,5 +106,4 @@ def slerp(x1: jax.Array, x2: jax.Array, weight: float | jax.Array) -> jax.Array:
     safe_sin = jnp.where(theta > 1e-6, jnp.sin(theta), 1.0)
     c1 = jnp.where(theta > 1e-6, jnp.sin((1.0 - w) * theta) / safe_sin, 1.0 - w)  # parallel: linear
     c2 = jnp.where(theta > 1e-6, jnp.sin(w * theta) / safe_sin, w)
-    shape = (-1,) + (1,) * (x1.ndim - 1)
-    return c1.reshape(shape) * x1 + c2.reshape(shape) * x2
+    return diffusion.per_example(c1, x1) * x1 + diffusion.per_example(c2, x2) * x2

@@ -81,10 +81,10 @@ def dpm_solver_pp_sample(
     denoise = denoiser(model_fn, levels, prediction, clip_x0)
     # Step i goes from level i to i - 1; step 0 goes to clean data (alpha = 1, sigma = 0).
     alpha, sigma, alpha_to, sigma_to = map(f32, (levels.alpha, levels.sigma, levels.alpha_to, levels.sigma_to))
-    lam = f32(np.log(levels.alpha) - np.log(levels.sigma))
+    lam_np = np.log(levels.alpha) - np.log(levels.sigma)
+    lam = f32(lam_np)
     lam_to = jnp.concatenate([lam[:1] + 1.0, lam[:-1]])  # step 0's h is infinite; its order is 1
     lam_from = jnp.concatenate([lam, jnp.full(2, lam[-1] - 1.0)])  # padded for the first steps
-    lam_np = np.log(levels.alpha) - np.log(levels.sigma)
     h_np = np.append(np.inf, -np.diff(lam_np))  # step i's increment lambda_{i-1} - lambda_i
     orders = jnp.asarray(step_orders(num_steps, order, lower_order_final, h_np, max_step_ratio))
 

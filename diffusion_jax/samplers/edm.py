@@ -5,7 +5,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.errors import ConfigError
@@ -73,7 +72,7 @@ def edm_sample(
     num_steps = levels.num
     t, alpha = jnp.asarray(levels.t), f32(levels.alpha)
     s_from = f32(levels.sigma / levels.alpha)
-    s_to = f32(np.concatenate([[0.0], levels.sigma[:-1] / levels.alpha[:-1]]))
+    s_to = f32(levels.sigma_to / levels.alpha_to)
     alpha_to = f32(levels.alpha_to)
     gamma = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 

@@ -63,17 +63,24 @@ def noise_levels(process: NoiseProcess, steps: int | None, spacing: str, rho: fl
     return NoiseLevels(t=times.astype(np.float32), alpha=np.asarray(alpha), sigma=np.asarray(sigma))
 
 
+def transition(levels: NoiseLevels) -> tuple[np.ndarray, np.ndarray]:
+    """The forward step x_t = alpha_{t|s} x_s + sigma_{t|s} z of each reverse step (t = level i, s =
+    where step i lands): alpha_{t|s} = alpha_t / alpha_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
+    (Kingma et al. 2021, arXiv 2107.00630, Eq. 2-3). Returns float64 (alpha_{t|s}, sigma_{t|s}^2), each [N]."""
+    alpha_ts = levels.alpha / levels.alpha_to
+    return alpha_ts, levels.sigma**2 - alpha_ts**2 * levels.sigma_to**2
+
+
 def posterior(levels: NoiseLevels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """q(x_s | x_t, x_0) between consecutive levels t = level i and s = where step i lands.
 
-    With alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2,
-    the posterior is N(c_x0 x_0 + c_xt x_t, sigma_{t|s}^2 sigma_s^2 / sigma_t^2) with
+    With alpha_{t|s} and sigma_{t|s}^2 of `transition`, the posterior is
+    N(c_x0 x_0 + c_xt x_t, sigma_{t|s}^2 sigma_s^2 / sigma_t^2), where
     c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2 and c_xt = alpha_{t|s} sigma_s^2 / sigma_t^2
     (Kingma et al. 2021, arXiv 2107.00630, Eqs. 9-11; Ho et al. Eq. 7 when variance-preserving,
     where sigma_{t|s}^2 is the respaced beta_t). Returns float64 (c_x0, c_xt, sigma_{t|s}^2), each [N].
     """
-    alpha_ts = levels.alpha / levels.alpha_to
-    var_ts = levels.sigma**2 - alpha_ts**2 * levels.sigma_to**2
+    alpha_ts, var_ts = transition(levels)
     c_x0 = levels.alpha_to * var_ts / levels.sigma**2
     c_xt = alpha_ts * levels.sigma_to**2 / levels.sigma**2
     return c_x0, c_xt, var_ts

@@ -12,7 +12,7 @@ import numpy as np
 from diffusion_jax import diffusion, sde
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.samplers.chain import SampleInfo, run_chain
-from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels
+from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels, transition
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
 CORRECTORS = ("langevin", "none")
@@ -66,20 +66,16 @@ def pc_sample(
         n_corrector = 0
     levels = noise_levels(schedule, steps, spacing)
     denoise = denoiser(model_fn, levels, prediction, clip_x0)
-    alpha_ts = levels.alpha / levels.alpha_to
-    var_ts = levels.sigma**2 - alpha_ts**2 * levels.sigma_to**2
-    alpha_ts, var_ts, sigma = f32(alpha_ts), f32(var_ts), f32(levels.sigma)
+    alpha_ts, var_ts = map(f32, transition(levels))
+    sigma = f32(levels.sigma)
     process = sde.as_process(schedule)
     t = jnp.asarray(levels.t)
     dt = f32(np.diff(np.concatenate([[0.0], levels.t.astype(np.float64)])))  # t_i - t_{i-1}; t_{-1} = 0
 
-    def score(x: jax.Array, i: jax.Array) -> jax.Array:
-        return -denoise(x, i).eps / sigma[i]
-
     def step(x: jax.Array, state: None, i: jax.Array, key: jax.Array) -> tuple[jax.Array, None]:
         keys = jax.random.split(key, n_corrector + 1)
         for j in range(n_corrector):
-            grad = score(x, i)
+            grad = diffusion.score_from_eps(denoise(x, i).eps, sigma[i])
             z = jax.random.normal(keys[j], x.shape, x.dtype)
             e = 2.0 * alpha_ts[i] ** 2 * jnp.square(snr * _mean_norm(z) / _mean_norm(grad))
             x = x + e * grad + jnp.sqrt(2.0 * e) * z
@@ -87,12 +83,12 @@ def pc_sample(
             return x, None
         z = jax.random.normal(keys[-1], x.shape, x.dtype)
         pred = denoise(x, i)
-        grad = -pred.eps / sigma[i]
+        grad = diffusion.score_from_eps(pred.eps, sigma[i])
         if predictor == "reverse_diffusion":
             x_prev = (2.0 - alpha_ts[i]) * x + var_ts[i] * grad + jnp.sqrt(var_ts[i]) * z
         else:
             drift, g = process.sde(x, jnp.full((x.shape[0],), t[i], jnp.float32))
-            g = g.reshape((-1,) + (1,) * (x.ndim - 1))
+            g = diffusion.per_example(g, x)
             x_prev = x - (drift - g**2 * grad) * dt[i] + g * jnp.sqrt(dt[i]) * z
         return jnp.where(i > 0, x_prev, pred.x0), None
 
@@ -140,13 +136,11 @@ def annealed_langevin_sample(
     step_size = f32(step_lr * (ve_sigma / ve_sigma[0]) ** 2)  # sigma_L is the smallest, level 0
     sigma = f32(levels.sigma)
 
-    def score(x: jax.Array, i: jax.Array) -> jax.Array:
-        return -denoise(x, i).eps / sigma[i]
-
     def step(x: jax.Array, state: None, i: jax.Array, key: jax.Array) -> tuple[jax.Array, None]:
         def langevin(j: jax.Array, x: jax.Array) -> jax.Array:
             z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
-            return x + 0.5 * step_size[i] * score(x, i) + jnp.sqrt(step_size[i]) * z
+            score = diffusion.score_from_eps(denoise(x, i).eps, sigma[i])
+            return x + 0.5 * step_size[i] * score + jnp.sqrt(step_size[i]) * z
 
         x = jax.lax.fori_loop(0, n_steps_each, langevin, x)
         if denoise_final:  # Tweedie, E[x_0 | x] = (x + sigma^2 s) / alpha, evaluated at level 0 only
