@@ -8,7 +8,12 @@ import importlib.util
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+# 8 simulated devices share 2 cores: a collective's threads can wait on each other longer than
+# XLA:CPU's default 40 s rendezvous timeout, after which it aborts the process (seen once in CI).
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_timeout_seconds=600"
+).strip()
 
 from diffusion_jax.runtime import configure_xla_flags  # noqa: E402
 
