@@ -8,11 +8,13 @@ import importlib.util
 import os
 import tempfile
 
-# 8 simulated devices share 2 cores: a collective's threads can wait on each other longer than
-# XLA:CPU's default 40 s rendezvous timeout, after which it aborts the process (seen once in CI).
+# 8 simulated devices share 2 cores: under load one device's thread can reach an all-reduce
+# long after the other seven, and XLA:CPU aborts the process (SIGABRT, exit 134) when a
+# rendezvous waits past xla_cpu_collective_call_terminate_timeout_seconds (default 40 s).
 os.environ["XLA_FLAGS"] = (
     f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_timeout_seconds=600"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
 ).strip()
 
 from diffusion_jax.runtime import configure_xla_flags  # noqa: E402
