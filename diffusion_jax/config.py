@@ -7,7 +7,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
 - `model`: `name` (unet | mlp) and that model's constructor arguments.
 - `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
-  `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | min_snr), `min_snr_gamma`.
+  `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | min_snr), `min_snr_gamma`,
+  `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
+  alone; both need `model.learn_sigma=True`), `vlb_weight` (lambda, 0.001), `timestep_sampling` ('uniform' |
+  'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb').
 - `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
@@ -56,7 +59,16 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.diffusion = ml_collections.ConfigDict(
-        dict(schedule="linear", num_timesteps=1000, prediction="eps", loss_weighting="none", min_snr_gamma=5.0)
+        dict(
+            schedule="linear",
+            num_timesteps=1000,
+            prediction="eps",
+            loss_weighting="none",
+            min_snr_gamma=5.0,
+            loss="simple",
+            vlb_weight=0.001,
+            timestep_sampling="uniform",
+        )
     )
     config.optim = ml_collections.ConfigDict(
         dict(

@@ -78,6 +78,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.depth", _int(1), "a positive int", optional=True),
     Rule("diffusion.num_timesteps", _int(1), "an int >= 1"),
     Rule("diffusion.min_snr_gamma", _real(0.0, open_low=True), "a float > 0"),
+    Rule("diffusion.vlb_weight", _real(0.0, open_low=True), "a float > 0", optional=True),
     Rule("optim.learning_rate", _real(0.0, open_low=True), "a float > 0"),
     Rule("optim.warmup_steps", _int(0), "an int >= 0"),
     Rule("optim.grad_clip_norm", _real(0.0), "a float >= 0 (0: off)"),

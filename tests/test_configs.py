@@ -6,10 +6,10 @@ from conftest import load_config
 from flax import nnx
 
 from diffusion_jax import data, models
-from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_kwargs
+from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_apply, model_kwargs
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar", "ddpm_digits", "ddpm_swissroll"])
+@pytest.mark.parametrize("name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "ddpm_swissroll"])
 def test_config_builds_abstractly(name):
     config = load_config(name)
     shape = data.example_shape(config.data)
@@ -34,3 +34,20 @@ def test_ddpm_cifar_is_ho_et_al():
     assert abs(n - 35.7e6) < 0.1e6, n
     betas = build_schedule(c).betas
     assert jax.numpy.allclose(jax.numpy.stack([betas[0], betas[-1]]), jax.numpy.array([1e-4, 0.02]))
+
+
+def test_iddpm_cifar_is_nichol_and_dhariwal():
+    c = load_config("iddpm_cifar")
+    d = c.diffusion
+    assert (d.schedule, d.num_timesteps, d.prediction, d.loss, d.vlb_weight) == ("cosine", 4000, "eps", "hybrid", 0.001)
+    m = c.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (128, (1, 2, 2, 2), 3, (16, 8))
+    assert (m.num_heads, m.dropout, m.use_scale_shift_norm, m.learn_sigma) == (4, 0.3, True, True)
+    assert (c.optim.learning_rate, c.optim.warmup_steps, c.training.batch_size) == (1e-4, 0, 128)
+    assert (c.sample.sampler, c.sample.variance) == ("ddpm", "learned_range")
+    shape = data.example_shape(c.data)
+    graphdef, init = build_model(c, shape)
+    params = jax.eval_shape(init, jax.random.key(0))
+    x, t = jax.ShapeDtypeStruct((1, *shape), jax.numpy.float32), jax.ShapeDtypeStruct((1,), jax.numpy.int32)
+    out = jax.eval_shape(lambda p, x, t: model_apply(graphdef, p, x, t), params, x, t)
+    assert out.shape == (1, 32, 32, 6)  # [eps, v]: twice the channels with the learned variance

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from diffusion_jax.registry import Registry
 from diffusion_jax.samplers.chain import SampleInfo
 from diffusion_jax.samplers.ddim import ddim_invert, ddim_sample, slerp
-from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
+from diffusion_jax.samplers.ddpm import ddpm_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
 from diffusion_jax.samplers.edm import edm_sample
 from diffusion_jax.samplers.ode import ode_encode, ode_sample
 from diffusion_jax.samplers.score_sde import annealed_langevin_sample, pc_sample
+from diffusion_jax.vlb import VARIANCES
 
 SAMPLERS: Registry[Callable] = Registry("sampler", "sample.sampler")
 SAMPLERS.register("ddpm")(ddpm_sample)

@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.errors import ConfigError
 from diffusion_jax.samplers.chain import SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, f32, noise_levels, posterior, posterior_variance
-
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+from diffusion_jax.vlb import check_variance, learned_log_variance
 
 # (x_t [B, ...], t [B] model time) -> s * grad_x log p(y | x_t) [B, ...]  (guidance.classifier_grad)
 CondFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -49,8 +47,7 @@ def ddpm_sample(
     `steps`), which makes this the ancestral sampler of Song et al. 2021 (their Eq. 47 for VE).
     NFE = the number of levels.
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"sample.variance: unknown variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
+    check_variance(variance)
     levels = noise_levels(schedule, steps, spacing)
     c_x0, c_xt, var_ts = posterior(levels)
     small = posterior_variance(levels)
@@ -65,8 +62,7 @@ def ddpm_sample(
         out = model_fn(x, t_i)
         if variance == "learned_range":
             out, v = jnp.split(out, 2, axis=-1)
-            frac = (v.astype(jnp.float32) + 1.0) / 2.0
-            log_var = frac * log_large[i] + (1.0 - frac) * log_small[i]
+            log_var = learned_log_variance(v, log_small[i], log_large[i])
         else:
             log_var = log_small[i] if variance == "fixed_small" else log_large[i]
         pred = diffusion.to_x0_eps(out, x, alpha[i], sigma[i], prediction, clip_x0)

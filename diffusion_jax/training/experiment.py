@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import data
+from diffusion_jax import data, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
@@ -49,7 +49,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     mesh = mesh_lib.make_data_mesh()
     batch_sharding = mesh_lib.batch_sharding(mesh)
     tx = optimizer.make_optimizer(config.optim, config.training.num_steps)
-    state = state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1))
+    importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
+    history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
+    state = state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history)
     return Experiment(
         schedule=schedule,
         example_shape=example_shape,

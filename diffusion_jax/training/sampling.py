@@ -26,7 +26,7 @@ from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
-from diffusion_jax.training.setup import build_model, model_apply, sampler_from_config
+from diffusion_jax.training.setup import build_model, model_apply, network_output_fn, sampler_from_config
 
 # (params, key) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used)
 SampleFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]
@@ -119,7 +119,9 @@ def make_sample_fn(
     """
     if config.training.get("objective", "denoise") == "classify":
         return _no_samples
-    sampler, options = sampler_from_config(config.sample)
+    learn_sigma = bool(config.model.get("learn_sigma"))
+    sampler, options = sampler_from_config(config.sample, learn_sigma)
+    output = network_output_fn(learn_sigma, options)
     batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
     guidance_scale = config.sample.get("guidance_scale")
@@ -144,7 +146,7 @@ def make_sample_fn(
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
 
         def network(x_t: jax.Array, t: jax.Array, cond: jax.Array | None) -> jax.Array:
-            return model_apply(graphdef, params, x_t, t, cond)
+            return output(model_apply(graphdef, params, x_t, t, cond))
 
         if guidance_scale is not None and guidance_scale != 1.0:
             model_fn = guidance.classifier_free(network, model_labels, num_classes, guidance_scale - 1.0)

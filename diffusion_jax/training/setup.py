@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import diffusion, models, samplers, schedules
+from diffusion_jax import diffusion, models, samplers, schedules, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
@@ -77,12 +77,14 @@ def model_apply(
     return model(x, t, cond, train=train, rngs=rngs)
 
 
-def sampler_from_config(sample: ml_collections.ConfigDict) -> tuple[Callable, dict]:
+def sampler_from_config(sample: ml_collections.ConfigDict, learn_sigma: bool = False) -> tuple[Callable, dict]:
     """The sampler `sample.sampler` and its options taken from `sample` by name.
 
     A sampler's keyword-only parameters (`eta`, `variance`, `spacing`, `clip_x0`, ...)
     are filled from same-named fields of `config.sample` that are not None, so a new
-    sampler gets its options from the config without glue code.
+    sampler gets its options from the config without glue code. A model with
+    `learn_sigma` samples under 'ddpm' with its learned variance unless `sample.variance`
+    says otherwise (improved DDPM); see `network_output_fn` for the other samplers.
     """
     sampler = samplers.get(sample.sampler)
     params = inspect.signature(sampler).parameters
@@ -93,7 +95,17 @@ def sampler_from_config(sample: ml_collections.ConfigDict) -> tuple[Callable, di
     }
     if sample.get("steps") is not None:
         options["steps"] = sample.steps
+    if learn_sigma and "variance" in params and "variance" not in options:
+        options["variance"] = "learned_range"
     return sampler, options
+
+
+def network_output_fn(learn_sigma: bool, options: dict) -> Callable[[jax.Array], jax.Array]:
+    """What of a network's output a sampler gets: everything, or with `learn_sigma` and a sampler
+    that does not use the learned variance, the prediction alone (the first half of the channels)."""
+    if learn_sigma and options.get("variance") != "learned_range":
+        return lambda out: jax.numpy.split(out, 2, axis=-1)[0]
+    return lambda out: out
 
 
 def check_config(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> None:
@@ -104,17 +116,18 @@ def check_config(config: ml_collections.ConfigDict, schedule: Schedule, example_
     """
     diffusion.check_prediction(config.diffusion.prediction)
     diffusion.check_weighting(config.diffusion.loss_weighting)
-    if config.model.get("learn_sigma"):
-        raise ConfigError(
-            "model.learn_sigma: a learned variance needs improved DDPM's hybrid loss and a learned-variance "
-            "sampler, which this version does not have; set model.learn_sigma=False"
-        )
-    sampler, options = sampler_from_config(config.sample)
+    learn_sigma = bool(config.model.get("learn_sigma"))
+    vlb.check_loss(config.diffusion.get("loss", "simple"), config.diffusion.get("timestep_sampling", "uniform"),
+                   learn_sigma)
+    if config.sample.get("variance") == "learned_range" and not learn_sigma:
+        raise ConfigError("sample.variance: 'learned_range' needs a model trained with model.learn_sigma=True")
+    sampler, options = sampler_from_config(config.sample, learn_sigma)
     x_T = jax.ShapeDtypeStruct((1, *example_shape), jax.numpy.float32)
     prediction = config.diffusion.prediction
+    learned = options.get("variance") == "learned_range"
 
     def identity_model(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        return x_t
+        return jax.numpy.concatenate([x_t, x_t], axis=-1) if learned else x_t
 
     key = jax.random.key(0)
     jax.eval_shape(lambda x: sampler(identity_model, schedule, key, x, prediction=prediction, **options), x_T)

@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from diffusion_jax.vlb import TimestepHistory
+
 
 @struct.dataclass
 class TrainState:
-    """step, params, EMA params (one per decay), optimiser state and the run's base key.
+    """step, params, EMA params (one per decay), optimiser state and the run's base key, and with
+    improved DDPM's importance-sampled L_vlb the history of each L_t (`timestep_history`, else None).
 
     Per-step randomness is `fold_in(key, step)` (as in VDM and big_vision), so the
     state needs no RNG updates and a restored run draws the same numbers.
@@ -22,13 +25,20 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data; `key` wraps it
     skipped_steps: jax.Array  # int32 []: steps whose update was dropped as non-finite
+    timestep_history: TimestepHistory | None = None
 
     @property
     def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)
 
 
-def create(params: nnx.State, tx: optax.GradientTransformation, num_ema: int, key: jax.Array) -> TrainState:
+def create(
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    num_ema: int,
+    key: jax.Array,
+    timestep_history: TimestepHistory | None = None,
+) -> TrainState:
     """A fresh state at step 0 whose EMAs start at the initial parameters."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -37,6 +47,7 @@ def create(params: nnx.State, tx: optax.GradientTransformation, num_ema: int, ke
         opt_state=tx.init(params),
         rng=jax.random.key_data(key),
         skipped_steps=jnp.zeros((), jnp.int32),
+        timestep_history=timestep_history,
     )
 
 

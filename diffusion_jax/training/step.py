@@ -8,7 +8,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import classifier_loss, diffusion
+from diffusion_jax import classifier_loss, diffusion, vlb
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply
 from diffusion_jax.training.state import TrainState, update_emas
@@ -25,7 +25,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
-    The loss is `diffusion.simple_loss` on the global batch, or with
+    The loss is `diffusion.simple_loss` on the global batch (`diffusion.loss='simple'`), improved
+    DDPM's `vlb.hybrid_loss` ('hybrid') or `vlb.vlb_loss` ('vlb', with `diffusion.timestep_sampling=
+    'importance'` drawing t from the state's `timestep_history`, which the step then updates), or with
     `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
     images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`). Under
     `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
@@ -35,6 +37,8 @@ def make_train_step(
     classify = config.training.get("objective", "denoise") == "classify"
     class_conditional = config.model.get("num_classes") is not None and not classify
     decays = tuple(config.training.ema_decays)
+    loss_name = config.diffusion.get("loss", "simple")
+    prediction = config.diffusion.prediction
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
@@ -47,12 +51,22 @@ def make_train_step(
             if classify:  # model_fn returns logits [B, K]; the labels are the targets
                 images, labels = batch["image"], batch["label"]
                 return classifier_loss.noisy_classifier_loss(model_fn, schedule, images, labels, loss_key)
+            if loss_name == "hybrid":
+                return vlb.hybrid_loss(
+                    model_fn, schedule, batch["image"], loss_key, prediction=prediction,
+                    vlb_weight=config.diffusion.vlb_weight,
+                )
+            if loss_name == "vlb":
+                return vlb.vlb_loss(
+                    model_fn, schedule, batch["image"], loss_key, prediction=prediction,
+                    history=state.timestep_history,
+                )
             return diffusion.simple_loss(
                 model_fn,
                 schedule,
                 batch["image"],
                 loss_key,
-                prediction=config.diffusion.prediction,
+                prediction=prediction,
                 weighting=config.diffusion.loss_weighting,
                 min_snr_gamma=config.diffusion.min_snr_gamma,
             )
@@ -64,6 +78,8 @@ def make_train_step(
         updated = state.replace(
             params=params, ema_params=update_emas(state.ema_params, params, decays), opt_state=opt_state
         )
+        if state.timestep_history is not None:
+            updated = updated.replace(timestep_history=state.timestep_history.update(aux["t"], aux["vlb"]))
         # A non-finite loss or gradient drops the whole update: params, EMAs and optimiser
         # state stay as they were, and the step still advances (the loop decides, from
         # training.on_nonfinite, whether to go on).
@@ -80,6 +96,8 @@ def make_train_step(
         }
         if classify:
             metrics["accuracy"] = aux["accuracy"]
+        if "vlb" in aux:  # one-sample L_t, bits/dim: its mean over t is L_vlb / T less the prior
+            metrics["vlb_term"] = jnp.mean(aux["vlb"])
         return new_state, metrics
 
     return train_step
