@@ -7,6 +7,7 @@ in score_sde.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import jax
@@ -38,22 +39,31 @@ def probability_flow(
     return drift
 
 
-def _solve(
-    drift: Callable[[jax.Array, jax.Array], jax.Array],
-    y0: jax.Array,
+def solve(
+    drift: Callable[[Any, jax.Array], Any],
+    y0: Any,
     t0: float,
     t1: float,
     solver: str,
     rtol: float,
     atol: float,
     max_steps: int,
-    save_steps: int | None,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(y(t1), NFE, trajectory at `save_steps` + 1 evenly spaced times or None)."""
+    save_steps: int | None = None,
+    config_fields: tuple[str, str, str] = ("sample.ode_solver", "sample.rtol", "sample.atol"),
+) -> tuple[Any, jax.Array, Any | None]:
+    """Integrates dy/dt = drift(y, t) from t0 to t1 with `solver` and a PID step-size controller.
+
+    `y0` is an array or any pytree of arrays (the likelihood integrates (x, log p) together);
+    the error norm is diffrax's RMS over all of its leaves, so the step size is shared by the
+    batch. Returns (y(t1), NFE, the trajectory at `save_steps` + 1 evenly spaced times or None).
+    NFE counts evaluations of `drift` from diffrax's step statistics. Bad options raise `ConfigError`
+    naming the config fields of (solver, rtol, atol) given in `config_fields`.
+    """
+    solver_field, rtol_field, atol_field = config_fields
     if solver not in SOLVERS:
-        raise ConfigError(f"sample.ode_solver: unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+        raise ConfigError(f"{solver_field}: unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     if not (rtol > 0 and atol > 0):
-        raise ConfigError(f"sample.rtol, sample.atol: tolerances must be > 0, got rtol={rtol}, atol={atol}")
+        raise ConfigError(f"{rtol_field}, {atol_field}: tolerances must be > 0, got rtol={rtol}, atol={atol}")
     solver_cls, evals_per_step = SOLVERS[solver]
     saveat = diffrax.SaveAt(t1=True) if save_steps is None else diffrax.SaveAt(ts=jnp.linspace(t0, t1, save_steps + 1))
     solution = diffrax.diffeqsolve(
@@ -68,9 +78,11 @@ def _solve(
         max_steps=max_steps,
     )
     # One evaluation at t0 (which the initial step-size guess shares), then s - 1 per attempted step.
+    # Not counted: diffrax re-evaluates the first stage each time the *first* step is rejected
+    # (a few evaluations on stiff starts; its stats do not say which steps were rejected).
     nfe = 1 + evals_per_step * solution.stats["num_steps"]
     trajectory = None if save_steps is None else solution.ys
-    return solution.ys[-1], nfe, trajectory
+    return jax.tree.map(lambda ys: ys[-1], solution.ys), nfe, trajectory
 
 
 def ode_sample(
@@ -102,7 +114,7 @@ def ode_sample(
     process = sde.as_process(schedule)
     drift = probability_flow(model_fn, process, prediction, clip_x0)
     save_steps = (steps or 100) if return_trajectory else None
-    x, nfe, trajectory = _solve(drift, x_T, process.t_max, process.t_min, ode_solver, rtol, atol, max_steps, save_steps)
+    x, nfe, trajectory = solve(drift, x_T, process.t_max, process.t_min, ode_solver, rtol, atol, max_steps, save_steps)
     if denoise_final:
         t_min = jnp.full((x.shape[0],), process.t_min, jnp.float32)
         alpha, sigma = process.alpha_sigma(jnp.float32(process.t_min))
@@ -128,5 +140,5 @@ def ode_encode(
     from the result decodes it back to x_0 up to the solver tolerance."""
     process = sde.as_process(schedule)
     drift = probability_flow(model_fn, process, prediction)
-    x_T, nfe, _ = _solve(drift, x0, process.t_min, process.t_max, ode_solver, rtol, atol, max_steps, None)
+    x_T, nfe, _ = solve(drift, x0, process.t_min, process.t_max, ode_solver, rtol, atol, max_steps)
     return result(x_T, nfe, None, return_info, False)
