@@ -39,4 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.sampler = "ddpm"
     config.sample.variance = "fixed_small"
     config.sample.ema_decay = 0.9999
+    # FID / IS need the FID Inception weights: --config.eval.inception_weights=<path> (see the README).
+    config.eval.metrics = ("vlb_bpd", "fid", "inception_score")
+    config.eval.num_samples = 50_000
     return config

@@ -1,9 +1,12 @@
 """DDPM on scikit-learn's embedded 8x8 digits, resized to 16x16: the offline default.
 
     python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits
+    python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits --mode=eval
 
 Sized to finish on a 2-core CPU in under 10 minutes: a small U-Net, Ho et al.'s
-linear schedule and L_simple, and ancestral sampling respaced to 100 steps.
+linear schedule and L_simple, and ancestral sampling respaced to 100 steps. Eval mode scores it
+offline: the VLB in bits/dim on the 297 test digits and, from 1,500 samples (the size of the
+train split the digits classifier's reference comes from), digits-FID and the IS analogue.
 """
 
 import ml_collections
@@ -37,4 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.batch_size = 64
     config.sample.png_scale = 4
+    config.eval.metrics = ("vlb_bpd", "digits")
+    config.eval.num_samples = 1500
     return config

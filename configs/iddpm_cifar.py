@@ -49,4 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=128, num_steps=500_000, ema_decays=(0.9999,), checkpoint_every=10_000, sample_every=50_000
     )
     config.sample.update(sampler="ddpm", variance="learned_range", ema_decay=0.9999)
+    # FID / IS need the FID Inception weights: --config.eval.inception_weights=<path> (see the README).
+    config.eval.metrics = ("vlb_bpd", "fid", "inception_score")
+    config.eval.num_samples = 50_000
     return config

@@ -8,11 +8,11 @@ The pure core, for notebooks:
     x0 = dj.samplers.get("ddim")(model_fn, sched, key, x_T, steps=50, prediction="eps")
     unet = dj.models.create("unet", rngs=flax.nnx.Rngs(0), image_size=32, in_channels=3)
 
-The data pipeline (`diffusion_jax.data`) and the training system
-(`diffusion_jax.training`) are imported on their own.
+The data pipeline (`diffusion_jax.data`), the training system (`diffusion_jax.training`) and the
+sample-quality metrics (`diffusion_jax.metrics`) are imported on their own.
 """
 
-from diffusion_jax import diffusion, guidance, models, samplers, schedules, sde
+from diffusion_jax import diffusion, guidance, likelihood, models, samplers, schedules, sde, vlb
 
-__all__ = ["diffusion", "guidance", "models", "samplers", "schedules", "sde"]
+__all__ = ["diffusion", "guidance", "likelihood", "models", "samplers", "schedules", "sde", "vlb"]
 __version__ = "0.1.0"

@@ -30,6 +30,18 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol
   2021: p(x) p(y | x)^s; 1: the class-conditional distribution), Algorithm 1 under the 'ddpm' sampler and
   Algorithm 2 under the others.
+- `eval` (`--mode=eval`, and during training every `eval.every` steps; see `diffusion_jax.evaluate`):
+  `metrics`, any of 'vlb_bpd' (the VLB in bits/dim, all T terms), 'ode_bpd' (probability-flow ODE bits/dim),
+  'fid', 'inception_score', 'kid' (FID Inception; need `inception_weights`), 'digits' (digits-FID, IS analogue
+  and, for class-conditional models, class accuracy, from the shipped digits classifier); `every` (0: only in
+  eval mode), `checkpoint_step` (None: the newest), `split` and `num_examples` (None: all) and `batch_size` of
+  the likelihood data, `seed`, `variance` of the VLB's reverse steps (None: 'learned_range' with
+  model.learn_sigma, else sample.variance or 'fixed_small'), `clip_x0` of its x̂_0 (improved DDPM evaluates
+  with 1.0); `ode_probe` (gaussian | rademacher), `ode_num_probes`, `ode_repeats` (dataset repeats with fresh
+  dequantisation), `ode_solver`, `ode_rtol`, `ode_atol`; `num_samples` drawn with `config.sample` for the sample
+  metrics, `inception_weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz conversion),
+  `inception_batch_size`, `reference_stats` (an .npz with mu, sigma; None: computed from `reference_split` of the
+  dataset and cached in <workdir>/eval/), `kid_subsets`, `kid_subset_size`.
 """
 
 import ml_collections
@@ -130,6 +142,32 @@ def base_config() -> ml_collections.ConfigDict:
             rtol=placeholder(float),
             atol=placeholder(float),
             max_steps=placeholder(int),
+        )
+    )
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            metrics=("vlb_bpd",),
+            every=0,
+            checkpoint_step=placeholder(int),
+            split="test",
+            num_examples=placeholder(int),
+            batch_size=64,
+            seed=0,
+            variance=placeholder(str),
+            clip_x0=1.0,
+            ode_probe="rademacher",
+            ode_num_probes=1,
+            ode_repeats=1,
+            ode_solver="tsit5",
+            ode_rtol=1e-5,
+            ode_atol=1e-5,
+            num_samples=50_000,
+            inception_weights=placeholder(str),
+            inception_batch_size=50,
+            reference_stats=placeholder(str),
+            reference_split="train",
+            kid_subsets=100,
+            kid_subset_size=1000,
         )
     )
     return config

@@ -1,7 +1,7 @@
 """Entry point: `python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/x`.
 
 Flags: `--config` (an ml_collections config file; override any field with
-`--config.training.num_steps=100`), `--workdir`, `--mode=train|sample`.
+`--config.training.num_steps=100`), `--workdir`, `--mode=train|sample|eval`.
 """
 
 import re
@@ -15,7 +15,10 @@ from diffusion_jax.runtime import configure_xla_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to the experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train (resuming if possible); sample: sample.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "eval"],
+    "train: train (resuming if possible); sample: write samples; eval: compute config.eval.metrics.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,6 +54,7 @@ def main(argv: list[str]) -> None:
     configure_xla_flags()  # before JAX starts its backend
     # Imported here so that the XLA flags above are set before anything touches JAX.
     from diffusion_jax.errors import ConfigError, TrainingStopped
+    from diffusion_jax.evaluate import evaluate
     from diffusion_jax.sample import sample
     from diffusion_jax.training.loop import train
 
@@ -62,8 +66,10 @@ def main(argv: list[str]) -> None:
     try:
         if FLAGS.mode == "train":
             train(FLAGS.config, FLAGS.workdir)
-        else:
+        elif FLAGS.mode == "sample":
             sample(FLAGS.config, FLAGS.workdir)
+        else:
+            evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, TrainingStopped) as e:
         sys.exit(f"error: {e}")
 

@@ -58,6 +58,8 @@ class Rule(NamedTuple):
     optional: bool = False  # absent is fine (model arguments differ per model)
 
 
+EVAL_METRICS = ("vlb_bpd", "ode_bpd", "fid", "inception_score", "kid", "digits")
+
 RULES: tuple[Rule, ...] = (
     Rule("seed", _int(0), "an int >= 0"),
     Rule("data.image_size", _int(1), "a positive int"),
@@ -115,6 +117,28 @@ RULES: tuple[Rule, ...] = (
         "None or the workdir of a training.objective='classify' run", optional=True,
     ),
     Rule("sample.classifier_scale", _real(0.0), "a float >= 0", optional=True),
+    Rule(
+        "eval.metrics", _seq(lambda v: v in EVAL_METRICS), f"a tuple of: {', '.join(EVAL_METRICS)}", optional=True
+    ),
+    Rule("eval.every", _int(0), "an int >= 0 (0: only in --mode=eval)", optional=True),
+    Rule("eval.checkpoint_step", _optional(_int(0)), "None (the newest) or a step", optional=True),
+    Rule("eval.split", lambda v: isinstance(v, str) and bool(v), "a tfds split name", optional=True),
+    Rule("eval.num_examples", _optional(_int(1)), "None (the whole split) or an int >= 1", optional=True),
+    Rule("eval.batch_size", _int(1), "a positive int", optional=True),
+    Rule("eval.seed", _int(0), "an int >= 0", optional=True),
+    Rule("eval.clip_x0", _optional(_real(0.0, open_low=True)), "None or a float > 0", optional=True),
+    Rule("eval.ode_num_probes", _int(1), "an int >= 1", optional=True),
+    Rule("eval.ode_repeats", _int(1), "an int >= 1", optional=True),
+    Rule("eval.ode_rtol", _real(0.0, open_low=True), "a float > 0", optional=True),
+    Rule("eval.ode_atol", _real(0.0, open_low=True), "a float > 0", optional=True),
+    Rule("eval.num_samples", _int(2), "an int >= 2", optional=True),
+    Rule("eval.inception_weights", _optional(lambda v: isinstance(v, str) and bool(v)), "None or a path",
+         optional=True),
+    Rule("eval.inception_batch_size", _int(1), "a positive int", optional=True),
+    Rule("eval.reference_stats", _optional(lambda v: isinstance(v, str) and bool(v)), "None or a path",
+         optional=True),
+    Rule("eval.kid_subsets", _int(1), "an int >= 1", optional=True),
+    Rule("eval.kid_subset_size", _int(2), "an int >= 2", optional=True),
 )
 
 
@@ -156,6 +180,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     what = f"the {num_devices} devices" + (f" and {num_processes} processes" if num_processes > 1 else "")
     _check_divisible("training.batch_size", config.training.batch_size, math.lcm(num_devices, num_processes), what)
     _check_divisible("sample.batch_size", config.sample.batch_size, num_devices, f"the {num_devices} devices")
+    if _get(config, "eval.batch_size") is not _MISSING:
+        _check_divisible("eval.batch_size", config.eval.batch_size, num_devices, f"the {num_devices} devices")
     steps, num_timesteps = config.sample.steps, config.diffusion.num_timesteps
     if steps is not None and steps > num_timesteps:
         raise ConfigError(f"sample.steps: got {steps}; expected at most diffusion.num_timesteps={num_timesteps}")

@@ -15,6 +15,7 @@ from diffusion_jax.data.pipeline import (
     create_iterator,
     data_dir,
     example_shape,
+    load_split,
     num_classes,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "create_iterator",
     "data_dir",
     "example_shape",
+    "load_split",
     "num_classes",
     "prepare_digits",
     "toy",

@@ -128,6 +128,16 @@ def num_classes(data_config: Any) -> int:
     return 0 if isinstance(dataset, ToyDataset) else dataset.num_classes
 
 
+def load_split(data_config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split of an image dataset at `data.image_size`, as training sees it before scaling
+    to [-1, 1]: uint8 images [N, S, S, C] and int32 labels [N] (for evaluation and reference statistics)."""
+    name = data_config.get("name")
+    dataset = DATASETS.get(name)
+    if isinstance(dataset, ToyDataset):
+        raise ConfigError(f"data.name={name!r} is 2-D toy data, which has no image splits to evaluate on")
+    return _load_split(dataset, data_config, split)
+
+
 def data_dir(data_config: Any) -> str:
     """`data.data_dir`, or tfds' default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     return os.path.expanduser(data_config.get("data_dir") or tfds.core.constants.DATA_DIR)
@@ -176,10 +186,10 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return resized.reshape(size, size, image.shape[-1])
 
 
-def _load_split(dataset: ImageDataset, data_config: Any) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(dataset: ImageDataset, data_config: Any, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The whole split, decoded and resized: uint8 images [N, S, S, C] and int32 labels [N]."""
     size = _image_size(data_config, dataset)
-    source = dataset.open(data_dir(data_config), data_config.get("split") or "train")
+    source = dataset.open(data_dir(data_config), split or data_config.get("split") or "train")
     images = np.empty((len(source), size, size, dataset.channels), np.uint8)
     labels = np.empty(len(source), np.int32)
     for i in range(len(source)):

@@ -56,6 +56,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore_step(self, step: int, abstract_state: TrainState) -> TrainState:
+        """The checkpoint of `step` (which must exist) restored into `abstract_state`."""
+        self._check_compatible(step, abstract_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._manager.restore(step, args=args).state
+
     def save(self, step: int, state: TrainState, config: ml_collections.ConfigDict) -> None:
         """Starts an async save of step `step`; returns once the arrays are copied."""
         if step in self._damaged:

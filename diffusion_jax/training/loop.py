@@ -10,6 +10,7 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.errors import TrainingStopped
+from diffusion_jax.evaluate import Evaluator, write_results
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
 from diffusion_jax.training.preemption import PreemptionWatcher
@@ -73,6 +74,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """
     workdir = Path(workdir)
     exp = experiment.build(config)  # validates the whole config before compiling
+    eval_every = config.get("eval", {}).get("every", 0)
+    evaluator = Evaluator(config, exp, workdir) if eval_every else None  # checks the eval fields now
     workdir.mkdir(parents=True, exist_ok=True)
     training = config.training
 
@@ -86,7 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
                 (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         else:
             logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
-        return _run(config, workdir, exp, state, checkpointer, writer)
+        return _run(config, workdir, exp, state, checkpointer, writer, evaluator)
     finally:
         checkpointer.close()  # waits for async saves to finish
         writer.close()
@@ -99,6 +102,7 @@ def _run(
     state: TrainState,
     checkpointer: Checkpointer,
     writer: MetricWriter,
+    evaluator: Evaluator | None = None,
 ) -> TrainState:
     training = config.training
     start_step = int(state.step)
@@ -161,4 +165,11 @@ def _run(
                     if jax.process_index() == 0:
                         png, _ = save_samples(workdir / "samples", step, samples, scale=config.sample.png_scale)
                         logging.info("Wrote %s", png)
+            if evaluator is not None and (step % config.eval.every == 0 or step == training.num_steps):
+                metrics.drain(last_saved)
+                with progress.excluded():
+                    results = evaluator(state, step)
+                    write_results(workdir, results, writer)
+                    logging.info("Eval at step %d: %s", step,
+                                 ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items()))
     return state

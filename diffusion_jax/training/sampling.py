@@ -135,7 +135,7 @@ def make_sample_fn(
             f"model.num_classes is {num_classes}"
         )
     label_classes = num_classes if classifier is None else classifier.num_classes
-    labels = None if label_classes is None else jnp.arange(batch_size, dtype=jnp.int32) % label_classes
+    labels = None if label_classes is None else jnp.asarray(sample_labels(batch_size, label_classes, batch_size))
     model_labels = labels if num_classes is not None else None  # what the diffusion model is given
 
     def sample(
@@ -176,6 +176,11 @@ def make_sample_fn(
     jitted = jax.jit(sample, out_shardings=(sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())))
     classifier_params = None if classifier is None else classifier.params
     return lambda params, key: jitted(params, classifier_params, key)
+
+
+def sample_labels(batch_size: int, num_classes: int, num_samples: int) -> np.ndarray:
+    """The class labels that `generate` draws its samples for: 0, 1, 2, ... cycling within each batch."""
+    return np.tile(np.arange(batch_size, dtype=np.int32) % num_classes, -(-num_samples // batch_size))[:num_samples]
 
 
 def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> tuple[np.ndarray, int]:
