@@ -1,6 +1,13 @@
-"""Sample-quality metrics: feature statistics (FID, IS, KID), the FID Inception network and the
-offline digits classifier."""
+"""Sample-quality metrics.
 
-from diffusion_jax.metrics import stats
+- `stats`: Fréchet distance, Inception Score, KID and feature statistics (.npz), on any features;
+- `inception`: the FID Inception-v3 (pytorch-fid's port) and its torch-free weight loader;
+- `fid`: Inception features of whole image sets and reference statistics;
+- `digits`: the offline digits metric (digits-FID, an IS analogue, class accuracy) from a shipped classifier.
 
-__all__ = ["stats"]
+`inception` and `fid` build a 24M-parameter network only when used; importing them is cheap.
+"""
+
+from diffusion_jax.metrics import digits, fid, inception, stats
+
+__all__ = ["digits", "fid", "inception", "stats"]
