@@ -111,9 +111,9 @@ class Evaluator:
         if reference is not None and not Path(reference).is_file():
             raise ConfigError(f"eval.reference_stats: no file at {reference}")
         self.variance = vlb_variance(config) if "vlb_bpd" in self.metrics else None
-        if "ode_bpd" in self.metrics and self.eval.ode_probe not in likelihood.PROBES[:2]:
+        if "ode_bpd" in self.metrics and self.eval.ode_probe not in likelihood.PROBES:
             raise ConfigError(
-                f"eval.ode_probe: unknown probe {self.eval.ode_probe!r}; choose one of: gaussian, rademacher"
+                f"eval.ode_probe: unknown probe {self.eval.ode_probe!r}; choose one of: {', '.join(likelihood.PROBES)}"
             )
         self.learn_sigma = bool(config.model.get("learn_sigma"))
         self.num_classes = config.model.get("num_classes")
@@ -330,7 +330,9 @@ class Evaluator:
             protocol["ode"] = {
                 "probe": e.ode_probe, "num_probes": e.ode_num_probes, "repeats": e.ode_repeats,
                 "solver": e.ode_solver, "rtol": e.ode_rtol, "atol": e.ode_atol, "t_min": float(process.t_min),
-                "t_max": float(process.t_max), "nfe_per_batch": nfe, "dequantization": "uniform, x = 2(k + u)/256 - 1",
+                "t_max": float(process.t_max),
+                "nfe_per_batch": nfe,  # the most any batch used, summed over its repeats
+                "dequantization": "uniform, x = 2(k + u)/256 - 1",
                 "offset_bits_per_dim": 7.0,  # log2(256 / 2): the density of [-1, 1] data on the integer grid
             }
         if any(m in self.metrics for m in (*INCEPTION_METRICS, "digits")):
