@@ -17,7 +17,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
   non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update),
   `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
-  (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance).
+  (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
+  `label_dropout` (class-conditional models: the probability of training on the null label instead, which
+  makes the same network the unconditional model of classifier-free guidance; 0.1 as DiT).
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
   sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and
   the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
@@ -26,6 +28,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (euler, heun); `predictor`, `corrector`, `snr`, `n_corrector` (pc); `n_steps_each`, `step_lr`,
   `denoise_final` (langevin, ode); `ode_solver`, `rtol`, `atol`, `max_steps` (ode); `guidance_scale` s for
   classifier-free guidance of class-conditional models (s = 1 + w of Ho & Salimans; None or 1: none);
+  `guidance_channels` (None: guide the prediction's every
+  channel and keep a learned variance conditional; 3: DiT's guidance of the first three latent channels);
   `classifier_workdir` (the workdir of a `training.objective='classify'` run: its config.json and newest
   checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol
   2021: p(x) p(y | x)^s; 1: the class-conditional distribution), Algorithm 1 under the 'ddpm' sampler and
@@ -106,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
             ema_decays=(0.9999,),
             on_nonfinite="stop",
             objective="denoise",
+            label_dropout=0.1,
         )
     )
     config.sample = ml_collections.ConfigDict(
@@ -124,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
             max_step_ratio=placeholder(float),
             clip_x0=1.0,
             guidance_scale=placeholder(float),
+            guidance_channels=placeholder(int),
             classifier_workdir=placeholder(str),
             classifier_scale=1.0,
             rho=placeholder(float),

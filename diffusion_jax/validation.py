@@ -97,6 +97,8 @@ RULES: tuple[Rule, ...] = (
     Rule("training.ema_decays", _seq(_UNIT), "a tuple of floats in [0, 1)"),
     Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
     Rule("training.objective", lambda v: v in ("denoise", "classify"), "'denoise' or 'classify'", optional=True),
+    Rule("training.label_dropout", _UNIT, "a float in [0, 1)", optional=True),
+    Rule("sample.guidance_channels", _optional(_int(1)), "None (all) or an int >= 1", optional=True),
     Rule("sample.steps", _optional(_int(1)), "None (the sampler's default) or an int >= 1"),
     Rule("sample.num_samples", _int(1), "an int >= 1"),
     Rule("sample.batch_size", _int(1), "a positive int"),

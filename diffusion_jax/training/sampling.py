@@ -135,6 +135,10 @@ def make_sample_fn(
             f"model.num_classes is {num_classes}"
         )
     label_classes = num_classes if classifier is None else classifier.num_classes
+    # Guidance combines the prediction's channels; a learned variance (the second half) stays conditional.
+    guided_channels = config.sample.get("guidance_channels")
+    if guided_channels is None and learn_sigma and options.get("variance") == "learned_range":
+        guided_channels = example_shape[-1]
     labels = None if label_classes is None else jnp.asarray(sample_labels(batch_size, label_classes, batch_size))
     model_labels = labels if num_classes is not None else None  # what the diffusion model is given
 
@@ -149,7 +153,9 @@ def make_sample_fn(
             return output(model_apply(graphdef, params, x_t, t, cond))
 
         if guidance_scale is not None and guidance_scale != 1.0:
-            model_fn = guidance.classifier_free(network, model_labels, num_classes, guidance_scale - 1.0)
+            model_fn = guidance.classifier_free(
+                network, model_labels, num_classes, guidance_scale - 1.0, channels=guided_channels
+            )
         else:
 
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import classifier_loss, diffusion, vlb
+from diffusion_jax import classifier_loss, diffusion, guidance, vlb
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply
 from diffusion_jax.training.state import TrainState, update_emas
@@ -30,12 +30,15 @@ def make_train_step(
     'importance'` drawing t from the state's `timestep_history`, which the step then updates), or with
     `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
     images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`). Under
+    A class-conditional model (`model.num_classes`) sees the null label in place of each label with
+    probability `training.label_dropout` (classifier-free guidance's joint training). Under
     `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
     step runs on 1 or N devices (no shard_map, hence none of its pmean-after-grad
     trap, shared/notes/stack-2026-11.md).
     """
     classify = config.training.get("objective", "denoise") == "classify"
     class_conditional = config.model.get("num_classes") is not None and not classify
+    label_dropout = config.training.get("label_dropout", 0.0) if class_conditional else 0.0
     decays = tuple(config.training.ema_decays)
     loss_name = config.diffusion.get("loss", "simple")
     prediction = config.diffusion.prediction
@@ -43,6 +46,9 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
         cond = batch["label"] if class_conditional else None
+        if label_dropout > 0:  # classifier-free guidance's unconditional model: the null label num_classes
+            label_key = jax.random.fold_in(loss_key, 1)  # loss_key itself is split inside the loss
+            cond = guidance.drop_labels(label_key, cond, label_dropout, config.model.num_classes)
 
         def loss_fn(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:

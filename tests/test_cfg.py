@@ -1,0 +1,56 @@
+"""Classifier-free guidance's training half (label dropout) and its channel option."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import tiny_digits_config
+
+from diffusion_jax import guidance
+from diffusion_jax.training import optimizer
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import step as step_lib
+from diffusion_jax.training.setup import build_model, build_schedule
+
+
+def test_label_dropout_yields_the_null_class_at_its_rate():
+    labels = jnp.arange(200_000, dtype=jnp.int32) % 10
+    dropped = np.asarray(guidance.drop_labels(jax.random.key(0), labels, 0.1, 10))
+    null = dropped == 10
+    assert abs(null.mean() - 0.1) < 0.003  # 4.5 standard deviations at n = 200k
+    np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])
+    assert np.all(np.asarray(guidance.drop_labels(jax.random.key(1), labels, 0.0, 10)) == np.asarray(labels))
+
+
+def test_the_train_step_feeds_the_network_null_labels_at_training_label_dropout(digits_data_dir, monkeypatch):
+    config = tiny_digits_config(digits_data_dir)
+    config.model.num_classes = 10
+    config.training.update(batch_size=4096, label_dropout=0.25)
+    seen = []
+
+    def recording_apply(graphdef, params, x, t, cond=None, **kwargs):
+        jax.debug.callback(lambda c: seen.append(np.asarray(c)), cond)
+        return x * params["conv_in"]["kernel"].sum()  # a network that depends on its parameters
+
+    monkeypatch.setattr(step_lib, "model_apply", recording_apply)
+    graphdef, init = build_model(config, (8, 8, 1))
+    tx = optimizer.make_optimizer(config.optim, 4)
+    state = state_lib.create(init(jax.random.key(0)), tx, len(config.training.ema_decays), jax.random.key(1))
+    train_step = jax.jit(step_lib.make_train_step(graphdef, build_schedule(config), tx, lambda s: 1e-3, config))
+    labels = jnp.arange(4096, dtype=jnp.int32) % 10
+    batch = {"image": jnp.zeros((4096, 8, 8, 1)), "label": labels}
+    jax.block_until_ready(train_step(state, batch))
+    cond = np.concatenate(seen)
+    assert abs(np.mean(cond == 10) - 0.25) < 0.03
+    np.testing.assert_array_equal(cond[cond != 10], np.asarray(labels)[cond != 10])
+
+
+def test_guidance_of_the_first_channels_keeps_the_rest_conditional():
+    def model_fn(x, t, cond):  # conditional: 2 everywhere; unconditional (null = 10): 1 everywhere
+        return jnp.where((cond == 10)[:, None, None, None], 1.0, 2.0) * jnp.ones((x.shape[0], 2, 2, 8))
+
+    x, t, labels = jnp.zeros((3, 2, 2, 4)), jnp.zeros((3,), jnp.int32), jnp.arange(3)
+    full = guidance.classifier_free(model_fn, labels, 10, 1.5)(x, t)
+    np.testing.assert_allclose(full, 2.0 + 1.5 * (2.0 - 1.0))
+    first3 = guidance.classifier_free(model_fn, labels, 10, 1.5, channels=3)(x, t)
+    np.testing.assert_allclose(first3[..., :3], 3.5)
+    np.testing.assert_allclose(first3[..., 3:], 2.0)  # DiT's 4th latent channel and the variance: conditional
