@@ -172,11 +172,13 @@ class Evaluator:
 
             self._vlb_fn = jax.jit(vlb_fn)
         totals, priors, terms = [], [], []
-        for i, (images, labels, count) in enumerate(self._batches()):
+        batches = self._batches()
+        for i, (images, labels, count) in enumerate(batches):
             out = jax.device_get(self._vlb_fn(params, images, labels, jax.random.fold_in(key, i)))
             totals.append(out.total[:count])
             priors.append(out.prior[:count])
             terms.append(out.terms[:count])
+            logging.info("VLB: batch %d/%d, %.4f bits/dim so far", i + 1, len(batches), np.concatenate(totals).mean())
         total, prior, term = np.concatenate(totals), np.concatenate(priors), np.concatenate(terms)
         mean_terms = term.mean(axis=0)
         scalars = {
@@ -200,10 +202,13 @@ class Evaluator:
 
             self._ode_fn = jax.jit(ode_fn)
         values, nfe = [], 0
-        for i, (images, labels, count) in enumerate(self._batches()):
+        batches = self._batches()
+        for i, (images, labels, count) in enumerate(batches):
             bpd, batch_nfe = jax.device_get(self._ode_fn(params, images, labels, jax.random.fold_in(key, i)))
             values.append(bpd[:count])
             nfe = max(nfe, int(batch_nfe))
+            logging.info("ODE likelihood: batch %d/%d (%d NFE), %.4f bits/dim so far", i + 1, len(batches),
+                         int(batch_nfe), np.concatenate(values).mean())
         bpd = np.concatenate(values)
         sem = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else 0.0
         return {"ode_bpd": float(bpd.mean()), "ode_bpd_sem": sem}, nfe

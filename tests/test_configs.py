@@ -9,7 +9,7 @@ from diffusion_jax import data, models
 from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_apply, model_kwargs
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "ddpm_swissroll"])
+@pytest.mark.parametrize("name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "ddpm_swissroll"])
 def test_config_builds_abstractly(name):
     config = load_config(name)
     shape = data.example_shape(config.data)

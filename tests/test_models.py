@@ -162,9 +162,11 @@ def test_state_is_params_only(cond_unet):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'x'; choose one of: classifier, mlp, unet"):
+    names = r"DiT-B/2, .*, classifier, dit, mlp, unet"
+    with pytest.raises(ConfigError, match=rf"model\.name: unknown model 'x'; choose one of: {names}"):
         models.create("x", rngs=nnx.Rngs(0))
-    assert models.names() == ["classifier", "mlp", "unet"]
+    dits = [f"DiT-{size}/{patch}" for size in ("B", "L", "S", "XL") for patch in (2, 4, 8)]
+    assert models.names() == [*dits, "classifier", "dit", "mlp", "unet"]
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def test_shipped_configs_pass(name, num_devices):
     [
         (
             "--config.trainng.lr=1",
-            "error: --config.trainng.lr: no field 'trainng' in the config; its fields are: data, diffusion, eval, model,",
+            "error: --config.trainng.lr: no field 'trainng' in the config; its fields are: data, diffusion, eval,",
         ),
         (
             "--config.training.bsz=8",

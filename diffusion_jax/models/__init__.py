@@ -12,14 +12,18 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import dit, layers
 from diffusion_jax.models.classifier import EncoderUNet
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.registry import Registry
 
-MODELS: Registry[type[nnx.Module]] = Registry("model", "model.name")
+MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", "model.name")
 MODELS.register("classifier")(EncoderUNet)
+MODELS.register("dit")(DiT)
+for _name in dit.VARIANTS:  # 'DiT-S/2' ... 'DiT-XL/8', the paper's Table 4
+    MODELS.register(_name)(dit.variant(_name))
 MODELS.register("mlp")(MLP)
 MODELS.register("unet")(UNet)
 
@@ -46,4 +50,4 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-__all__ = ["MLP", "MODELS", "EncoderUNet", "UNet", "count_params", "create", "layers", "names"]
+__all__ = ["MLP", "MODELS", "DiT", "EncoderUNet", "UNet", "count_params", "create", "dit", "layers", "names"]
