@@ -6,10 +6,13 @@ from conftest import load_config
 from flax import nnx
 
 from diffusion_jax import data, models
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_apply, model_kwargs
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "ddpm_swissroll"])
+@pytest.mark.parametrize(
+    "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll"]
+)
 def test_config_builds_abstractly(name):
     config = load_config(name)
     shape = data.example_shape(config.data)
@@ -51,3 +54,19 @@ def test_iddpm_cifar_is_nichol_and_dhariwal():
     x, t = jax.ShapeDtypeStruct((1, *shape), jax.numpy.float32), jax.ShapeDtypeStruct((1,), jax.numpy.int32)
     out = jax.eval_shape(lambda p, x, t: model_apply(graphdef, p, x, t), params, x, t)
     assert out.shape == (1, 32, 32, 6)  # [eps, v]: twice the channels with the learned variance
+
+
+def test_dit_xl2_imagenet256_is_peebles_and_xie_and_says_what_it_lacks():
+    c = load_config("dit_xl2_imagenet256")
+    assert (c.model.name, c.model.num_classes, c.model.learn_sigma) == ("DiT-XL/2", 1000, True)
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.loss) == ("linear", 1000, "hybrid")
+    assert (c.optim.name, c.optim.learning_rate, c.optim.weight_decay, c.training.batch_size) == ("adamw", 1e-4, 0, 256)
+    assert (tuple(c.training.ema_decays), c.training.label_dropout) == ((0.9999,), 0.1)
+    s = c.sample
+    assert (s.sampler, s.steps, s.variance, s.guidance_scale, s.guidance_channels) == ("ddpm", 250, "learned_range",
+                                                                                      1.5, 3)
+    kwargs = {k: v for k, v in c.model.items() if k != "name"} | {"image_size": 32, "in_channels": 4}
+    n = models.count_params(lambda: models.create(c.model.name, rngs=nnx.Rngs(0), **kwargs))
+    assert round(n / 1e6) == 675  # Table 4
+    with pytest.raises(ConfigError, match="data.name"):  # the latent dataset is not here (see its docstring)
+        data.example_shape(c.data)
