@@ -141,7 +141,7 @@ def test_warmup_schedule():
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("model.name", "resnet", "model.name: unknown model 'resnet'; choose one of: classifier, mlp, unet"),
+        ("model.name", "resnet", "model.name: unknown model 'resnet'; choose one of: DiT-B/2, DiT-B/4"),
         ("sample.sampler", "plms", "sample.sampler: unknown sampler 'plms'; choose one of: ddim, ddpm"),
         ("diffusion.schedule", "cosin", "diffusion.schedule: unknown schedule 'cosin'"),
         ("data.name", "mnist", "data.name: unknown dataset 'mnist'"),
