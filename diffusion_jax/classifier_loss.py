@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import q_sample, sample_timesteps
+from diffusion_jax.diffusion import noise_at_random_times
 from diffusion_jax.guidance import label_log_prob
 from diffusion_jax.schedules import Schedule
 
@@ -28,10 +28,8 @@ def noisy_classifier_loss(
     x0: clean data [B, ...]; labels: int [B]; t ~ U{0..T-1}, eps ~ N(0, I) drawn from `key`.
     Returns (loss, {'accuracy': top-1 accuracy [], 't': [B], 'nll': [B]}).
     """
-    t_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)  # [B]
-    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    logits = logits_fn(q_sample(schedule, x0, t, noise), t)  # [B, K]
+    t, _, x_t = noise_at_random_times(schedule, x0, key)  # t [B]
+    logits = logits_fn(x_t, t)  # [B, K]
     nll = -label_log_prob(logits, labels)  # [B]
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     return jnp.mean(nll), {"accuracy": accuracy, "t": t, "nll": nll}

@@ -175,6 +175,14 @@ def sample_timesteps(key: jax.Array, batch_size: int, num_timesteps: int) -> jax
     return jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
 
 
+def noise_at_random_times(schedule: Schedule, x0: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t ~ U{0..T-1} int32 [B], eps ~ N(0, I), x_t = q_sample(x0, t, eps)), Ho et al. Algorithm 1 lines 3-4."""
+    t_key, noise_key = jax.random.split(key)
+    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+    return t, noise, q_sample(schedule, x0, t, noise)
+
+
 def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gamma: float = 5.0) -> jax.Array:
     """Per-example weight on the MSE of the `prediction` target, shape of log_snr.
 
@@ -234,10 +242,7 @@ def simple_loss(
     batch mean of w(t) * mean_over_dims((f(x_t, t) - target)^2), together with
     per-example terms ({'t': [B], 'mse': [B]}) for logging.
     """
-    t_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    x_t = q_sample(schedule, x0, t, noise)
+    t, noise, x_t = noise_at_random_times(schedule, x0, key)
     target = training_target(x0, noise, extract(schedule.alpha, t, x0), extract(schedule.sigma, t, x0), prediction)
     out = model_fn(x_t, t)
     mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))

@@ -252,7 +252,8 @@ def _vlb_terms_with_frozen_mean(
     model_out: jax.Array, schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str,
     freeze_mean: bool,
 ) -> jax.Array:
-    """L_t in bits/dim [B] from a learned-range output; with `freeze_mean`, gradients reach only v (iDDPM §3.1)."""
+    """L_t in bits/dim [B] from a learned-range output [prediction, v]; with `freeze_mean`, gradients reach
+    only v (iDDPM §3.1)."""
     out, v = jnp.split(model_out.astype(jnp.float32), 2, axis=-1)
     if freeze_mean:
         out = jax.lax.stop_gradient(out)
@@ -276,10 +277,7 @@ def hybrid_loss(
     stop-gradiented, so L_vlb trains only the variance and L_simple the mean. (Their code's
     `vb * num_timesteps / 1000` for RESCALED_MSE is this with lambda = 0.001.)
     """
-    t_key, noise_key = jax.random.split(key)
-    t = diffusion.sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    t, noise, x_t = diffusion.noise_at_random_times(schedule, x0, key)
     alpha, sigma = diffusion.extract(schedule.alpha, t, x0), diffusion.extract(schedule.sigma, t, x0)
     model_out = model_fn(x_t, t)
     out = jnp.split(model_out.astype(jnp.float32), 2, axis=-1)[0]
