@@ -3,6 +3,10 @@
 Fields (each overridable from the command line, e.g. `--config.training.batch_size=8`):
 
 - `seed`: model init, data order, noise and sampling all derive from it.
+- `mesh` (see `diffusion_jax.training.mesh`): the sizes of the axes `data`, `fsdp` and `tensor` (-1: the
+  devices left over; default all devices on `data`, pure data parallelism); `param_rules`, (regex, placement)
+  pairs matched against parameter paths, placement 'replicate', 'fsdp' (split the largest divisible dimension
+  over 'fsdp') or a PartitionSpec tuple; `fsdp_min_size` (parameters with fewer elements stay replicated).
 - `data`: `name` (digits | cifar10 | swiss_roll | eight_gaussians | two_moons), `image_size`,
   `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
 - `model`: `name` (unet | mlp) and that model's constructor arguments.
@@ -19,7 +23,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
   `label_dropout` (class-conditional models: the probability of training on the null label instead, which
-  makes the same network the unconditional model of classifier-free guidance; 0.1 as DiT).
+  makes the same network the unconditional model of classifier-free guidance; 0.1 as DiT), `grad_accum_steps`
+  (microbatches whose gradients make one update; `batch_size` stays the global batch), `peak_flops` (FLOP/s
+  of one device, for the model-FLOPs utilisation in the logs; None: measured with a matmul at start; 0: off),
+  `compilation_cache_dir` (JAX's persistent compilation cache, shared by runs; None: off).
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
   sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and
   the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
@@ -56,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
+    config.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, param_rules=((".*", "fsdp"),), fsdp_min_size=2**12)
+    )
     config.data = ml_collections.ConfigDict(
         dict(name="digits", image_size=16, data_dir=placeholder(str), random_flip=False)
     )
@@ -111,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
             on_nonfinite="stop",
             objective="denoise",
             label_dropout=0.1,
+            grad_accum_steps=1,
+            peak_flops=placeholder(float),
+            compilation_cache_dir="~/.cache/diffusion_jax/jax_cache",
         )
     )
     config.sample = ml_collections.ConfigDict(

@@ -36,11 +36,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffusion_jax import data, likelihood, sde, vlb
+from diffusion_jax import data, distributed, likelihood, sde, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import stats
 from diffusion_jax.training import experiment
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.sampling import generate, sample_labels, to_uint8
 from diffusion_jax.training.setup import model_apply, network_output_fn, sampler_from_config
 from diffusion_jax.training.state import TrainState
@@ -174,7 +174,7 @@ class Evaluator:
         totals, priors, terms = [], [], []
         batches = self._batches()
         for i, (images, labels, count) in enumerate(batches):
-            out = jax.device_get(self._vlb_fn(params, images, labels, jax.random.fold_in(key, i)))
+            out = distributed.fetch(self._vlb_fn(params, images, labels, jax.random.fold_in(key, i)))
             totals.append(out.total[:count])
             priors.append(out.prior[:count])
             terms.append(out.terms[:count])
@@ -204,7 +204,7 @@ class Evaluator:
         values, nfe = [], 0
         batches = self._batches()
         for i, (images, labels, count) in enumerate(batches):
-            bpd, batch_nfe = jax.device_get(self._ode_fn(params, images, labels, jax.random.fold_in(key, i)))
+            bpd, batch_nfe = distributed.fetch(self._ode_fn(params, images, labels, jax.random.fold_in(key, i)))
             values.append(bpd[:count])
             nfe = max(nfe, int(batch_nfe))
             logging.info("ODE likelihood: batch %d/%d (%d NFE), %.4f bits/dim so far", i + 1, len(batches),
@@ -374,7 +374,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     try:
         wanted = config.eval.get("checkpoint_step")
-        abstract = abstract_like(exp.initial_state, exp.replicated)
+        abstract = exp.abstract_state
         if wanted is None:
             state = checkpointer.restore(abstract)
         else:

@@ -2,6 +2,11 @@
 
 Flags: `--config` (an ml_collections config file; override any field with
 `--config.training.num_steps=100`), `--workdir`, `--mode=train|sample|eval`.
+
+Multi-process runs (`diffusion_jax.distributed`; launchers in `launch/`): `--coordinator_address`,
+`--num_processes`, `--process_id` (and `--local_device_ids`, `--initialization_timeout`) join
+JAX's distributed runtime; without them a SLURM `srun` step, an Open MPI job or a Cloud TPU VM
+is detected, and anything else runs as one process.
 """
 
 import re
@@ -18,6 +23,21 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_enum(
     "mode", "train", ["train", "sample", "eval"],
     "train: train (resuming if possible); sample: write samples; eval: compute config.eval.metrics.",
+)
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: host:port of process 0's coordinator, the same on every process (e.g. 10.0.0.1:1234).",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0..num_processes-1.")
+flags.DEFINE_list(
+    "local_device_ids", None,
+    "Multi-process GPU runs: the GPUs this process drives (e.g. 0,1,2,3,4,5,6,7 for one process per node "
+    "under SLURM, where JAX otherwise gives each task one GPU).",
+)
+flags.DEFINE_integer(
+    "initialization_timeout", 300,
+    "Multi-process runs: seconds to wait for every process to connect; JAX aborts the process after it.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -53,7 +73,19 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     configure_xla_flags()  # before JAX starts its backend
     # Imported here so that the XLA flags above are set before anything touches JAX.
+    from diffusion_jax import distributed
     from diffusion_jax.errors import ConfigError, TrainingStopped
+
+    try:  # joins the other processes before any JAX backend starts (jax.distributed requires it)
+        cluster = distributed.initialize(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            distributed.parse_device_ids(FLAGS.local_device_ids), FLAGS.initialization_timeout,
+        )
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+    import jax
+
     from diffusion_jax.evaluate import evaluate
     from diffusion_jax.sample import sample
     from diffusion_jax.training.loop import train
@@ -63,6 +95,11 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "diffusion_jax" in record.pathname
     )
+    if cluster is not None:
+        logging.info(
+            "Process %d of %d (cluster from %s): %d local device(s) of %d", jax.process_index(),
+            jax.process_count(), cluster, jax.local_device_count(), jax.device_count(),
+        )
     try:
         if FLAGS.mode == "train":
             train(FLAGS.config, FLAGS.workdir)

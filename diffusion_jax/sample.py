@@ -7,7 +7,7 @@ import ml_collections
 from absl import logging
 
 from diffusion_jax.training import experiment
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.sampling import generate, save_samples
 
 
@@ -19,13 +19,16 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
     """
     exp = experiment.build(config)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
-    state = checkpointer.restore(abstract_like(exp.initial_state, exp.replicated))
+    state = checkpointer.restore(exp.abstract_state)
     step = int(state.step)
     logging.info("Sampling %d with %s from step %d", config.sample.num_samples, config.sample.sampler, step)
     key = jax.random.fold_in(jax.random.fold_in(exp.root_key, 3), step)
     samples, nfe = generate(exp.sample_fn, experiment.sampling_params(config, state), key, config.sample.num_samples)
     logging.info("%s used %d network evaluations per sample", config.sample.sampler, nfe)
     checkpointer.close()
-    paths = save_samples(Path(workdir) / "samples", step, samples, scale=config.sample.png_scale)
+    directory = Path(workdir) / "samples"
+    if jax.process_index() != 0:  # every process drew (and gathered) the samples; one writes them
+        return directory / f"samples_{step}.png", directory / f"samples_{step}.npz"
+    paths = save_samples(directory, step, samples, scale=config.sample.png_scale)
     logging.info("Wrote %s and %s", *paths)
     return paths

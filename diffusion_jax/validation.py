@@ -80,6 +80,13 @@ RULES: tuple[Rule, ...] = (
     Rule("model.patch_size", _int(1), "a positive int", optional=True),
     Rule("model.hidden_size", _int(1), "a positive int", optional=True),
     Rule("model.mlp_ratio", _real(0.0, open_low=True), "a float > 0", optional=True),
+    Rule("training.grad_accum_steps", _int(1), "an int >= 1 (microbatches per optimiser step)", optional=True),
+    Rule("training.peak_flops", _optional(_real(0.0)), "None (measure) or FLOP/s per device >= 0 (0: no MFU)",
+         optional=True),
+    Rule("training.compilation_cache_dir", _optional(lambda v: isinstance(v, str)), "None or a directory",
+         optional=True),
+    Rule("mesh.fsdp_min_size", _int(0), "an int >= 0 (parameters with fewer elements stay replicated)",
+         optional=True),
     Rule("model.remat", _is_bool, "True or False", optional=True),
     Rule("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'",
          optional=True),
@@ -172,7 +179,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
 
     Args:
       config: an experiment config (see `diffusion_jax.config`).
-      num_devices: devices in the mesh, over all processes (`jax.device_count()`).
+      num_devices: the devices a batch is split over, over all processes: the mesh's data × fsdp
+        (`jax.device_count()` without tensor parallelism).
       num_processes: `jax.process_count()`.
 
     Raises:
@@ -187,7 +195,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
         if not rule.check(value):
             raise ConfigError(f"{rule.field}: got {value!r}; expected {rule.allowed}")
     what = f"the {num_devices} devices" + (f" and {num_processes} processes" if num_processes > 1 else "")
-    _check_divisible("training.batch_size", config.training.batch_size, math.lcm(num_devices, num_processes), what)
+    accum = config.training.get("grad_accum_steps", 1)
+    if accum > 1:
+        what = f"training.grad_accum_steps={accum} microbatches of a multiple of {what}"
+    _check_divisible(
+        "training.batch_size", config.training.batch_size, math.lcm(num_devices, num_processes) * accum, what
+    )
     _check_divisible("sample.batch_size", config.sample.batch_size, num_devices, f"the {num_devices} devices")
     if _get(config, "eval.batch_size") is not _MISSING:
         _check_divisible("eval.batch_size", config.eval.batch_size, num_devices, f"the {num_devices} devices")

@@ -36,6 +36,7 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from diffusion_jax.config import base_config  # noqa: E402
@@ -75,3 +76,9 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 
 def swissroll_config() -> ml_collections.ConfigDict:
     return load_config("ddpm_swissroll")
+
+
+def nearest_distance(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each point's distance to its nearest neighbour in `reference` ([N, D], [M, D] -> [N])."""
+    d = np.linalg.norm(points[:, None, :] - reference[None, :, :], axis=-1)
+    return d.min(axis=1)

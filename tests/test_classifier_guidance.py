@@ -297,7 +297,7 @@ def test_sample_mode_on_a_classifier_run_is_a_config_error(classifier_workdir, d
 def diffusion_run(digits_data_dir):
     """An untrained tiny digits model, built once; its params shifted into a non-trivial denoiser."""
     exp = experiment.build(tiny_digits_config(digits_data_dir))
-    return exp, jax.tree.map(lambda p: p + 0.05, exp.initial_state.params)
+    return exp, jax.tree.map(lambda p: p + 0.05, exp.init_state().params)
 
 
 def sample_fn(diffusion_run, digits_data_dir, **sample_fields):

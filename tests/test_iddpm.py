@@ -10,7 +10,7 @@ from conftest import tiny_digits_config
 
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.loop import train
 from diffusion_jax.training.setup import network_output_fn, sampler_from_config
 
@@ -31,7 +31,7 @@ def test_hybrid_training_learns_the_variance_and_samples_with_it(digits_data_dir
     samples = np.load(tmp_path / "samples" / "samples_4.npz")["arr_0"]
     assert samples.shape == (8, 8, 8, 1)
     # The variance head received gradients: its output layer moved from its initial value.
-    initial = experiment.build(config).initial_state.params
+    initial = experiment.build(config).init_state().params
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), state.params, initial)
     assert max(jax.tree.leaves(moved)) > 0
 
@@ -57,7 +57,7 @@ def test_importance_sampled_vlb_fills_and_resumes_the_timestep_history(digits_da
     assert np.all(np.asarray(history.losses) > 0)
     exp = experiment.build(config)
     checkpointer = Checkpointer(tmp_path / "checkpoints")
-    restored = checkpointer.restore(abstract_like(exp.initial_state, exp.replicated))
+    restored = checkpointer.restore(exp.abstract_state)
     checkpointer.close()
     np.testing.assert_array_equal(restored.timestep_history.losses, history.losses)
 

@@ -152,7 +152,7 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(digits_data_dir):
     exp = experiment.build(config)
     step = jax.jit(make_train_step(exp.graphdef, exp.schedule, exp.tx, exp.lr_schedule, config))
     batch = {"image": jnp.full((16, 8, 8, 1), jnp.nan), "label": jnp.zeros(16, jnp.int32)}
-    state = exp.initial_state
+    state = exp.init_state()
     new, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 1 and int(new.step) == 1 and int(new.skipped_steps) == 1
     for name in ("params", "ema_params", "opt_state"):
@@ -175,7 +175,7 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
     exp = experiment.build(config)
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     with caplog.at_level(logging.WARNING):
-        state = checkpointer.restore(abstract_like(exp.initial_state, exp.replicated))
+        state = checkpointer.restore(exp.abstract_state)
     checkpointer.close()
     assert int(state.step) == 2
     assert "Skipped the damaged checkpoint of step 4" in caplog.text
@@ -191,7 +191,7 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
 @pytest.mark.parametrize("save_devices,restore_devices", [(8, 1), (1, 8)])
 def test_checkpoint_restores_on_another_mesh(tmp_path, digits_data_dir, save_devices, restore_devices):
     config = tiny_digits_config(digits_data_dir)
-    state = experiment.build(config).initial_state
+    state = experiment.build(config).init_state()
     save_mesh = mesh_lib.make_data_mesh(jax.devices()[:save_devices])
     saved = jax.device_put(state, mesh_lib.replicated(save_mesh))
     checkpointer = Checkpointer(tmp_path)

@@ -10,66 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import swissroll_config, tiny_digits_config
+from conftest import nearest_distance, swissroll_config, tiny_digits_config
 
 from diffusion_jax.data import toy
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.sample import sample
 from diffusion_jax.training import experiment, optimizer
-from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.loop import train
-from diffusion_jax.training.setup import build_model, build_schedule
-from diffusion_jax.training.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_steps(config, devices, batches):
-    """Runs the jitted train step over `batches` on a data mesh of `devices`."""
-    mesh = mesh_lib.make_data_mesh(devices)
-    replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-    graphdef, init_params = build_model(config, (8, 8, 1))
-    params = init_params(jax.random.key(0))
-    tx = optimizer.make_optimizer(config.optim, config.training.num_steps)
-    lr = optimizer.learning_rate_schedule(config.optim, config.training.num_steps)
-    state = jax.device_put(state_lib.create(params, tx, 2, jax.random.key(1)), replicated)
-    step = jax.jit(
-        make_train_step(graphdef, build_schedule(config), tx, lr, config),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-    )
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, batch_sharding))
-        losses.append(float(metrics["loss"]))
-    return state, np.array(losses)
-
-
-def test_sharded_step_matches_single_device(digits_data_dir):
-    assert jax.device_count() == 8, "conftest.py simulates 8 CPU devices"
-    config = tiny_digits_config(digits_data_dir)
-    rng = np.random.default_rng(0)
-    batches = [
-        {"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32), "label": np.zeros(16, np.int32)}
-        for _ in range(3)
-    ]
-    one, losses_one = run_steps(config, jax.devices()[:1], batches)
-    eight, losses_eight = run_steps(config, jax.devices(), batches)
-    assert eight.params["conv_in"]["kernel"].sharding.mesh.size == 8
-    np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-5)
-    # Adam divides by sqrt(v): gradients near zero amplify the different summation order
-    # of 8 shards to ~1e-6, so the tolerance is 1% of one step's size (lr = 1e-3).
-    for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    # The parameters moved: a step that did nothing would also "match".
-    assert int(eight.step) == 3
-    assert not np.allclose(eight.params["conv_in"]["kernel"], eight.ema_params[1]["conv_in"]["kernel"])
-
-
-def nearest_distance(points, reference):
-    d = np.linalg.norm(points[:, None, :] - reference[None, :, :], axis=-1)
-    return d.min(axis=1)
 
 
 def test_swissroll_learns_and_samples_land_on_the_roll(tmp_path):
@@ -86,7 +36,7 @@ def test_swissroll_learns_and_samples_land_on_the_roll(tmp_path):
     assert trained.shape == (512, 2)
     # The same sampler driven by the untrained (step-0) parameters.
     exp = experiment.build(config)
-    untrained = np.asarray(exp.sample_fn(exp.initial_state.params, jax.random.key(0))[0])
+    untrained = np.asarray(exp.sample_fn(exp.init_state().params, jax.random.key(0))[0])
     d_trained = np.median(nearest_distance(trained, held_out))
     d_untrained = np.median(nearest_distance(untrained, held_out))
     assert d_trained < 0.15 < d_untrained, (d_trained, d_untrained)
@@ -217,6 +167,6 @@ def test_class_conditional_sampling_with_guidance(digits_data_dir):
     config.model.num_classes = 10
     config.sample.guidance_scale = 3.0
     exp = experiment.build(config)
-    samples, nfe = exp.sample_fn(exp.initial_state.params, jax.random.key(0))
+    samples, nfe = exp.sample_fn(exp.init_state().params, jax.random.key(0))
     assert int(nfe) == config.sample.steps
     assert samples.shape == (8, 8, 8, 1) and bool(jnp.isfinite(samples).all())

@@ -138,14 +138,22 @@ class AttentionBlock(nnx.Module):
 class Stage(nnx.Module):
     """One entry of the down or up path: a ResBlock, then attention at the chosen resolutions."""
 
-    def __init__(self, res: ResBlock, attn: AttentionBlock | None):
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None, remat: bool = False):
         self.res = res
         self.attn = attn
+        self.remat = remat
 
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        """[B, H, W, in_ch] -> [B, H, W, out_ch]."""
-        h = self.res(x, emb, train, rngs)
-        return h if self.attn is None else self.attn(h)
+        """[B, H, W, in_ch] -> [B, H, W, out_ch]; with `remat`, recomputed in the backward pass."""
+        if self.remat:
+            return nnx.remat(_apply_stage, static_argnums=(3,))(self, x, emb, train, rngs)
+        return _apply_stage(self, x, emb, train, rngs)
+
+
+def _apply_stage(stage: Stage, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """The stage's computation as a function of the stage, the form `nnx.remat` transforms."""
+    h = stage.res(x, emb, train, rngs)
+    return h if stage.attn is None else stage.attn(h)
 
 
 class Resample(nnx.Module):
@@ -233,6 +241,7 @@ class Blocks:
         *,
         rngs: nnx.Rngs,
         dtype: DTypeLike,
+        remat: bool = False,
     ):
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
@@ -277,6 +286,7 @@ class Blocks:
         self.emb_dim = 4 * ch
         self.rngs = rngs
         self.dtype = dtype
+        self.remat = remat
         self.res_kw = dict(
             emb_dim=self.emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rngs=rngs, dtype=dtype
         )
@@ -290,7 +300,8 @@ class Blocks:
 
     def stage(self, cin: int, cout: int, res: int) -> Stage:
         """A ResBlock cin -> cout, then attention if `res` is in `attn_resolutions`."""
-        return Stage(self.res_block(cin, cout), self.attention(cout) if res in self.attn_resolutions else None)
+        attn = self.attention(cout) if res in self.attn_resolutions else None
+        return Stage(self.res_block(cin, cout), attn, self.remat)
 
     def resample(self, channels: int, direction: Direction) -> Resample:
         return Resample(channels, direction, resblock=self.resblock_updown, **self.res_kw)
@@ -383,6 +394,8 @@ class UNet(Encoder):
             (Nichol & Dhariwal 2021), doubling the output channels.
         rngs: parameter initialisation keys; the model keeps no RNG state.
         dtype: computation dtype; parameters stay float32.
+        remat: recompute each stage's activations (ResBlock + attention) in the backward pass
+            (`nnx.remat`): activation memory of one stage per level, at about one more forward.
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
@@ -407,10 +420,11 @@ class UNet(Encoder):
         *,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
+        remat: bool = False,
     ):
         blocks = Blocks(
             image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype,
+            use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat,
         )
         skip_chans = self._build_encoder(blocks, in_channels, num_classes)
 

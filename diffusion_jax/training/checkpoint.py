@@ -11,25 +11,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.training.mesh import path_name
 from diffusion_jax.training.state import TrainState
-
-
-def _path_str(path: tuple) -> str:
-    """'params/conv_in/kernel' for a key path of dicts, dataclass fields and sequences."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def _shapes(tree: object) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    return {path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 class Checkpointer:

@@ -1,5 +1,6 @@
 """Everything a run is built from, shared by the train and sample modes."""
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -10,12 +11,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from diffusion_jax import data, vlb
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
 from diffusion_jax.training.setup import build_model, build_schedule, check_config
+from diffusion_jax.training.step import make_train_step
 from diffusion_jax.validation import validate_config
 
 
@@ -23,40 +26,56 @@ class Experiment(NamedTuple):
     schedule: Schedule
     example_shape: tuple[int, ...]
     graphdef: nnx.GraphDef
-    initial_state: state_lib.TrainState  # on the host; replicate or use as a restore target
+    init_state: Callable[[], state_lib.TrainState]  # jitted: the step-0 state, created sharded
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs with their shardings: a restore target
+    state_shardings: state_lib.TrainState  # a NamedSharding per leaf (`mesh.state_shardings`)
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
     mesh: Mesh
     replicated: NamedSharding
-    batch_sharding: NamedSharding
+    batch_sharding: NamedSharding  # batches split over ('data', 'fsdp')
     sample_fn: SampleFn
     root_key: jax.Array
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Builds the schedule, model, optimiser, mesh and sampler of `config`.
+def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Experiment:
+    """Builds the schedule, model, optimiser, mesh, state shardings and sampler of `config`.
 
-    Every config field is validated here, before anything is compiled.
+    Every config field is validated here, before anything is compiled. Nothing is allocated:
+    the state's shapes come from `jax.eval_shape`, and `init_state()` creates it already
+    sharded over the mesh (the parameters are never whole on one device). The mesh spans
+    `devices` (default: every device of every process).
     """
-    validate_config(config, jax.device_count(), jax.process_count())
+    enable_compilation_cache(config.training.get("compilation_cache_dir"))
+    mesh = mesh_lib.make_mesh(config.get("mesh"), devices)  # checks the mesh against the devices
+    validate_config(config, mesh_lib.batch_shards(mesh), jax.process_count())
     ema_index(config)
     schedule = build_schedule(config)
     example_shape = data.example_shape(config.data)
     root_key = jax.random.key(config.seed)
     graphdef, init_params = build_model(config, example_shape)
     check_config(config, schedule, example_shape)
-    params = init_params(jax.random.fold_in(root_key, 0))
-    mesh = mesh_lib.make_data_mesh()
     batch_sharding = mesh_lib.batch_sharding(mesh)
     tx = optimizer.make_optimizer(config.optim, config.training.num_steps)
     importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
-    history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
-    state = state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history)
+    num_timesteps = schedule.num_timesteps
+
+    def create_state() -> state_lib.TrainState:
+        params = init_params(jax.random.fold_in(root_key, 0))
+        history = vlb.TimestepHistory.create(num_timesteps) if importance else None
+        return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history)
+
+    abstract = jax.eval_shape(create_state)
+    shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     return Experiment(
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
-        initial_state=state,
+        init_state=jax.jit(create_state, out_shardings=shardings),
+        abstract_state=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        ),
+        state_shardings=shardings,
         tx=tx,
         lr_schedule=optimizer.learning_rate_schedule(config.optim, config.training.num_steps),
         mesh=mesh,
@@ -64,6 +83,17 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         batch_sharding=batch_sharding,
         sample_fn=make_sample_fn(graphdef, schedule, config, example_shape, batch_sharding),
         root_key=root_key,
+    )
+
+
+def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callable:
+    """The train step of `config`, jitted for `exp`'s mesh: the state keeps its shardings (donated, so
+    updated in place), the batch arrives split over ('data', 'fsdp'), the metrics come back replicated."""
+    return jax.jit(
+        make_train_step(exp.graphdef, exp.schedule, exp.tx, exp.lr_schedule, config),
+        in_shardings=(exp.state_shardings, exp.batch_sharding),
+        out_shardings=(exp.state_shardings, exp.replicated),
+        donate_argnums=0,
     )
 
 

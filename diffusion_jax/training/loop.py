@@ -1,5 +1,6 @@
 """The training loop: build, resume, step, log, checkpoint, sample; stop cleanly when asked."""
 
+import itertools
 import time
 from pathlib import Path
 
@@ -11,12 +12,12 @@ from absl import logging
 from diffusion_jax import data
 from diffusion_jax.errors import TrainingStopped
 from diffusion_jax.evaluate import Evaluator, write_results
-from diffusion_jax.training import experiment
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
+from diffusion_jax.training import experiment, throughput
+from diffusion_jax.training import mesh as mesh_lib
+from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.preemption import PreemptionWatcher
 from diffusion_jax.training.sampling import generate, save_samples
 from diffusion_jax.training.state import TrainState
-from diffusion_jax.training.step import make_train_step
 from diffusion_jax.training.writer import MetricWriter, Progress
 
 
@@ -82,9 +83,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        state = checkpointer.restore_or_none(abstract_like(exp.initial_state, exp.replicated))
+        state = checkpointer.restore_or_none(exp.abstract_state)  # onto this run's mesh, whatever the saver's
         if state is None:
-            state = jax.device_put(exp.initial_state, exp.replicated)
+            state = exp.init_state()
             if jax.process_index() == 0:
                 (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         else:
@@ -111,24 +112,32 @@ def _run(
         return state
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
-        "Model %s: %.2fM parameters; %d device(s), mesh %s", config.model.name, num_params / 1e6,
-        jax.device_count(), dict(exp.mesh.shape),
+        "Model %s: %.2fM parameters; %d device(s) in %d process(es), mesh %s; %s", config.model.name,
+        num_params / 1e6, jax.device_count(), jax.process_count(), dict(exp.mesh.shape),
+        mesh_lib.describe(exp.state_shardings, state),
     )
     batches = data.create_iterator(
         config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
         sharding=exp.batch_sharding,
     )
-    train_step = jax.jit(
-        make_train_step(exp.graphdef, exp.schedule, exp.tx, exp.lr_schedule, config),
-        in_shardings=(exp.replicated, exp.batch_sharding),
-        out_shardings=(exp.replicated, exp.replicated),
-        donate_argnums=0,
+    first_batch = next(batches)
+    train_step, compile_seconds, step_flops = throughput.compile_step(
+        experiment.jit_train_step(exp, config), state, first_batch
+    )
+    batches = itertools.chain([first_batch], batches)
+    peak_flops = training.get("peak_flops")
+    if peak_flops is None:
+        peak_flops = throughput.measure_peak_flops(config.model.get("dtype") or "float32")
+    logging.info(
+        "Compiled the train step in %.1fs: %.4g GFLOP per device per step (XLA cost analysis); peak %.4g GFLOP/s "
+        "per device (%s)", compile_seconds, step_flops / 1e9, peak_flops / 1e9,
+        "measured" if training.get("peak_flops") is None else "training.peak_flops",
     )
     progress = Progress(start_step, training.num_steps)
     metrics = _Metrics(training.on_nonfinite)
     sample_key = jax.random.fold_in(exp.root_key, 2)
     classify = training.get("objective", "denoise") == "classify"  # a classifier has no samples to draw
-    shown = ("loss", "accuracy", "grad_norm") if classify else ("loss", "grad_norm")
+    shown = ("loss", "accuracy", "grad_norm", "mfu") if classify else ("loss", "grad_norm", "images_per_sec", "mfu")
     last_saved = checkpointer.latest_step()
     started = time.perf_counter()
 
@@ -138,7 +147,7 @@ def _run(
             metrics.add(step, step_metrics)
             if step == start_step + 1:
                 jax.block_until_ready(state.step)
-                logging.info("First step (with compilation) took %.1fs", time.perf_counter() - started)
+                logging.info("First step took %.1fs after compilation", time.perf_counter() - started)
                 progress.update(step)
             if preemption.should_stop(step):
                 metrics.drain(last_saved)
@@ -149,7 +158,13 @@ def _run(
             if _every(step, training.log_every, training.num_steps):
                 metrics.drain(last_saved)
                 progress.update(step)
-                scalars = metrics.averages() | {"steps_per_sec": progress.steps_per_sec}
+                rate = progress.steps_per_sec
+                scalars = metrics.averages() | {
+                    "steps_per_sec": rate,
+                    "step_time_s": 1.0 / rate if rate else 0.0,
+                    "images_per_sec": rate * training.batch_size,
+                    "mfu": throughput.utilisation(step_flops, rate, peak_flops),
+                }
                 writer.write_scalars(step, scalars)
                 logging.info(progress.line(step, {k: scalars[k] for k in shown}))
             if _every(step, training.checkpoint_every, training.num_steps):

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import data, guidance
+from diffusion_jax import data, distributed, guidance
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
@@ -191,10 +191,13 @@ def sample_labels(batch_size: int, num_classes: int, num_samples: int) -> np.nda
 
 def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> tuple[np.ndarray, int]:
     """Calls `sample_fn` until `num_samples` samples exist: (float32 [N, ...] on the host, the most
-    network evaluations a batch used; adaptive samplers differ between batches)."""
+    network evaluations a batch used; adaptive samplers differ between batches).
+
+    In a multi-process run every process must call it (each batch is all-gathered, a collective)
+    and every process gets all N samples; only process 0 should write them."""
     batches, nfe = [], 0
     while sum(len(b) for b in batches) < num_samples:
-        x0, batch_nfe = jax.device_get(sample_fn(params, jax.random.fold_in(key, len(batches))))
+        x0, batch_nfe = distributed.fetch(sample_fn(params, jax.random.fold_in(key, len(batches))))
         batches.append(np.asarray(x0))
         nfe = max(nfe, int(batch_nfe))
     return np.concatenate(batches)[:num_samples], nfe

@@ -1,5 +1,6 @@
 """The train step: a pure function of (state, batch), written once for every mesh."""
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,55 +30,71 @@ def make_train_step(
     DDPM's `vlb.hybrid_loss` ('hybrid') or `vlb.vlb_loss` ('vlb', with `diffusion.timestep_sampling=
     'importance'` drawing t from the state's `timestep_history`, which the step then updates), or with
     `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
-    images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`). Under
+    images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`).
     A class-conditional model (`model.num_classes`) sees the null label in place of each label with
     probability `training.label_dropout` (classifier-free guidance's joint training). Under
-    `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce, so the same
-    step runs on 1 or N devices (no shard_map, hence none of its pmean-after-grad
-    trap, shared/notes/stack-2026-11.md).
+    `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce (or, with
+    FSDP-sharded parameters, the all-gathers and reduce-scatters), so the same step runs on every
+    mesh (no shard_map, hence none of its pmean-after-grad trap, shared/notes/stack-2026-11.md).
+    With `training.grad_accum_steps` = k > 1 the batch is split into k microbatches whose gradients
+    are averaged in a `lax.scan` (activation memory of one microbatch; one optimiser update).
     """
     classify = config.training.get("objective", "denoise") == "classify"
     class_conditional = config.model.get("num_classes") is not None and not classify
     label_dropout = config.training.get("label_dropout", 0.0) if class_conditional else 0.0
     decays = tuple(config.training.ema_decays)
+    accum_steps = config.training.get("grad_accum_steps", 1)
     loss_name = config.diffusion.get("loss", "simple")
     prediction = config.diffusion.prediction
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
-        cond = batch["label"] if class_conditional else None
-        if label_dropout > 0:  # classifier-free guidance's unconditional model: the null label num_classes
-            label_key = jax.random.fold_in(loss_key, 1)  # loss_key itself is split inside the loss
-            cond = guidance.drop_labels(label_key, cond, label_dropout, config.model.num_classes)
+    def loss_and_grads(
+        params: nnx.State,
+        history: vlb.TimestepHistory | None,
+        images: jax.Array,
+        labels: jax.Array,
+        cond: jax.Array | None,
+        key: jax.Array,
+    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+        """((loss, aux), d loss / d params) of one (micro)batch; `key` draws its t, noise and dropout."""
+        loss_key, dropout_key = jax.random.split(key)
 
         def loss_fn(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return model_apply(graphdef, params, x_t, t, cond, train=True, dropout_key=dropout_key)
 
             if classify:  # model_fn returns logits [B, K]; the labels are the targets
-                images, labels = batch["image"], batch["label"]
                 return classifier_loss.noisy_classifier_loss(model_fn, schedule, images, labels, loss_key)
             if loss_name == "hybrid":
                 return vlb.hybrid_loss(
-                    model_fn, schedule, batch["image"], loss_key, prediction=prediction,
-                    vlb_weight=config.diffusion.vlb_weight,
+                    model_fn, schedule, images, loss_key, prediction=prediction, vlb_weight=config.diffusion.vlb_weight
                 )
             if loss_name == "vlb":
                 return vlb.vlb_loss(
-                    model_fn, schedule, batch["image"], loss_key, prediction=prediction,
-                    history=state.timestep_history,
+                    model_fn, schedule, images, loss_key, prediction=prediction, history=history
                 )
             return diffusion.simple_loss(
                 model_fn,
                 schedule,
-                batch["image"],
+                images,
                 loss_key,
                 prediction=prediction,
                 weighting=config.diffusion.loss_weighting,
                 min_snr_gamma=config.diffusion.min_snr_gamma,
             )
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        step_key = jax.random.fold_in(state.key, state.step)
+        images, labels = batch["image"], batch["label"]
+        cond = labels if class_conditional else None
+        if label_dropout > 0:  # classifier-free guidance's unconditional model: the null label num_classes
+            cond = guidance.drop_labels(jax.random.fold_in(step_key, 1), cond, label_dropout, config.model.num_classes)
+        grads_fn = functools.partial(loss_and_grads, state.params, state.timestep_history)
+        if accum_steps == 1:
+            (loss, aux), grads = grads_fn(images, labels, cond, step_key)
+        else:
+            (loss, aux), grads = _accumulate(grads_fn, (images, labels, cond), step_key, accum_steps)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -107,3 +124,31 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _accumulate(
+    grads_fn: Callable, batch: tuple, key: jax.Array, k: int
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+    """The mean loss, aux and gradients of `grads_fn(*microbatch, key_i)` over k microbatches of `batch`
+    (a tuple of arrays [B, ...] or None).
+
+    Microbatch i holds rows i, i + k, i + 2k, ...: a [B/k, k] reshape then a transpose, so each
+    microbatch is spread over all the devices that the batch is (a [k, B/k] reshape would put
+    microbatch i on the i-th k-th of the devices). Microbatch i draws its noise with
+    fold_in(key, i). Per-example aux arrays come back in the batch's order.
+    """
+
+    def split(x: jax.Array | None) -> jax.Array | None:
+        return None if x is None else x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    def body(grad_sum: nnx.State | None, xs: tuple) -> tuple[nnx.State, tuple]:
+        i, micro = xs
+        (loss, aux), grads = grads_fn(*micro, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+    micro = tuple(split(x) for x in batch)
+    first = tuple(None if x is None else x[0] for x in micro)
+    zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, g.dtype), jax.eval_shape(lambda: grads_fn(*first, key)[1]))
+    grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    merged = jax.tree.map(lambda a: a.mean(0) if a.ndim == 1 else a.swapaxes(0, 1).reshape(-1, *a.shape[2:]), aux)
+    return (losses.mean(), merged), jax.tree.map(lambda g: g / k, grad_sum)
