@@ -71,7 +71,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    configure_xla_flags()  # before JAX starts its backend
+    configure_xla_flags(FLAGS.config.model.get("name"))  # before JAX starts its backend
     # Imported here so that the XLA flags above are set before anything touches JAX.
     from diffusion_jax import distributed
     from diffusion_jax.errors import ConfigError, TrainingStopped

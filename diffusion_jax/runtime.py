@@ -4,17 +4,23 @@ import os
 from importlib import metadata
 
 # jaxlib 0.10's default XLA:CPU "ynn" fusions made a Flax U-Net train step 35-40% slower
-# on a 2-core AMD EPYC (shared/notes/perf-2026-11.md). The flag's name changes between
-# jaxlib releases, and XLA aborts on an unknown flag, so it is set only where measured.
+# (shared/notes/perf-2026-11.md), but the DiT-S/2 train step 1.7-2.0x *faster* (benchmarks/README.md,
+# 2026-11-24: 2.80-3.25 against 1.64 images/s). They are turned off for convolutional models only.
+# The flag's name changes between jaxlib releases, and XLA aborts on an unknown flag, so it is set
+# only where measured.
 _CPU_FLAGS_BY_JAXLIB = {"0.10.": "--xla_cpu_experimental_ynn_fusion_type="}
+_KEEP_YNN_MODELS = ("dit",)  # model names (lower case, prefix) whose measured steps are faster with ynn
 
 
-def configure_xla_flags() -> None:
-    """Adds the measured XLA:CPU flags to XLA_FLAGS unless the user already set them.
+def configure_xla_flags(model_name: str | None = None) -> None:
+    """Adds the measured XLA:CPU flags for `model_name` (`config.model.name`; None: a U-Net's)
+    to XLA_FLAGS unless the user already set them.
 
-    Must run before the first JAX computation (XLA reads its flags at backend start).
-    It does nothing on GPU/TPU runs beyond setting a CPU-only flag.
+    Must run before the first JAX computation (XLA reads its flags at backend start), so one
+    process gets one choice. It does nothing on GPU/TPU runs beyond setting a CPU-only flag.
     """
+    if model_name is not None and model_name.lower().startswith(_KEEP_YNN_MODELS):
+        return
     try:
         version = metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
