@@ -6,6 +6,7 @@ program (per device, so remat's recomputation counts, and nothing is hand-counte
 is `training.peak_flops` or, when unset, measured with a matmul on this process's devices.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +32,15 @@ def compile_step(jitted: Any, *args: Any) -> tuple[Callable, float, float]:
     return compiled, seconds, float((analysis or {}).get("flops", 0.0))
 
 
-def measure_peak_flops(dtype: Any = jnp.float32, size: int | None = None, repeats: int = 3) -> float:
-    """Matmul FLOP/s of one device of this process, all local devices running at once.
+@functools.cache
+def measure_peak_flops(dtype: str = "float32", size: int | None = None, repeats: int = 3) -> float:
+    """Matmul FLOP/s of one device of this process, all local devices running at once (once per process).
 
     Every local device multiplies its own [size, size] matrices in one program, so devices that
     share hardware (simulated CPU devices) share it here as in training. `size` defaults to 8192
-    on accelerators and 1024 on the CPU (a few ms per device there). Best of `repeats` timed calls.
+    on accelerators and 1024 on the CPU (a few ms per device). Best of `repeats` timed calls. This
+    is XLA's own matmul rate, not the datasheet's peak (on a 2-core Xeon: ~150 GFLOP/s, where numpy's
+    4096² matmul reached ~300): set `training.peak_flops` to report MFU against a fixed number.
     """
     devices = jax.local_devices()
     size = size or (1024 if devices[0].platform == "cpu" else 8192)
