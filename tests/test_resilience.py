@@ -192,12 +192,12 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, digits_
 def test_checkpoint_restores_on_another_mesh(tmp_path, digits_data_dir, save_devices, restore_devices):
     config = tiny_digits_config(digits_data_dir)
     state = experiment.build(config).init_state()
-    save_mesh = mesh_lib.make_data_mesh(jax.devices()[:save_devices])
+    save_mesh = mesh_lib.make_mesh(None, jax.devices()[:save_devices])
     saved = jax.device_put(state, mesh_lib.replicated(save_mesh))
     checkpointer = Checkpointer(tmp_path)
     checkpointer.save(7, saved, config)
     checkpointer.wait()
-    restore_sharding = mesh_lib.replicated(mesh_lib.make_data_mesh(jax.devices()[:restore_devices]))
+    restore_sharding = mesh_lib.replicated(mesh_lib.make_mesh(None, jax.devices()[:restore_devices]))
     restored = checkpointer.restore(abstract_like(state, restore_sharding))
     checkpointer.close()
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):

@@ -94,11 +94,6 @@ def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = No
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Every device on 'data' (pure data parallelism)."""
-    return make_mesh(None, devices)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -136,9 +131,13 @@ def check_rules(rules: Any) -> None:
         if not isinstance(placement, (list, tuple)):
             raise ConfigError(f"{field}: placement {placement!r}; expected 'replicate', 'fsdp' or a tuple")
         for entry in placement:
-            names = entry if isinstance(entry, (list, tuple)) else (entry,)
-            if any(name is not None and name not in AXES for name in names):
+            if any(name is not None and name not in AXES for name in _axis_names(entry)):
                 raise ConfigError(f"{field}: placement {placement!r} names an axis not in {AXES}")
+
+
+def _axis_names(entry: Any) -> tuple:
+    """One PartitionSpec entry as a tuple of axis names: 'fsdp' -> ('fsdp',), None -> (None,)."""
+    return tuple(entry) if isinstance(entry, (list, tuple)) else (entry,)
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec:
@@ -159,8 +158,7 @@ def _explicit_spec(name: str, shape: tuple[int, ...], placement: Sequence, mesh:
             f"shape {shape}"
         )
     for dim, entry in enumerate(placement):
-        names = entry if isinstance(entry, (list, tuple)) else (entry,)
-        ways = math.prod(mesh.shape[n] for n in names if n is not None)
+        ways = math.prod(mesh.shape[n] for n in _axis_names(entry) if n is not None)
         if shape[dim] % ways:
             raise ConfigError(
                 f"mesh.param_rules: placement {tuple(placement)} splits dimension {dim} of {name} (shape {shape}) "

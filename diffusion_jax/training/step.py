@@ -94,7 +94,7 @@ def make_train_step(
         if accum_steps == 1:
             (loss, aux), grads = grads_fn(images, labels, cond, step_key)
         else:
-            (loss, aux), grads = _accumulate(grads_fn, (images, labels, cond), step_key, accum_steps)
+            (loss, aux), grads = _accumulate(grads_fn, state.params, (images, labels, cond), step_key, accum_steps)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -127,7 +127,7 @@ def make_train_step(
 
 
 def _accumulate(
-    grads_fn: Callable, batch: tuple, key: jax.Array, k: int
+    grads_fn: Callable, params: nnx.State, batch: tuple, key: jax.Array, k: int
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
     """The mean loss, aux and gradients of `grads_fn(*microbatch, key_i)` over k microbatches of `batch`
     (a tuple of arrays [B, ...] or None).
@@ -141,14 +141,13 @@ def _accumulate(
     def split(x: jax.Array | None) -> jax.Array | None:
         return None if x is None else x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
-    def body(grad_sum: nnx.State | None, xs: tuple) -> tuple[nnx.State, tuple]:
+    def body(grad_sum: nnx.State, xs: tuple) -> tuple[nnx.State, tuple]:
         i, micro = xs
         (loss, aux), grads = grads_fn(*micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
     micro = tuple(split(x) for x in batch)
-    first = tuple(None if x is None else x[0] for x in micro)
-    zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, g.dtype), jax.eval_shape(lambda: grads_fn(*first, key)[1]))
+    zeros = jax.tree.map(jnp.zeros_like, params)  # the gradients have the parameters' tree and dtypes
     grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
     merged = jax.tree.map(lambda a: a.mean(0) if a.ndim == 1 else a.swapaxes(0, 1).reshape(-1, *a.shape[2:]), aux)
     return (losses.mean(), merged), jax.tree.map(lambda g: g / k, grad_sum)

@@ -26,10 +26,7 @@ def compile_step(jitted: Any, *args: Any) -> tuple[Callable, float, float]:
     started = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - started
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jaxlibs: one dict per device
-        analysis = analysis[0] if analysis else {}
-    return compiled, seconds, float((analysis or {}).get("flops", 0.0))
+    return compiled, seconds, float((compiled.cost_analysis() or {}).get("flops", 0.0))
 
 
 @functools.cache
