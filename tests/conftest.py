@@ -24,10 +24,11 @@ configure_xla_flags()
 
 import jax  # noqa: E402
 
-# Synchronous dispatch on the CPU backend. With async dispatch a fast loop (the 1,500-step Swiss-roll
-# run) queues many 8-device steps, and the CI twice stopped inside one of them: once aborted at the
-# 40 s rendezvous limit, once hung with every thread idle (one device's part of an all-reduce never
-# ran). Not reproduced outside the full suite; executing one program at a time removes the queue.
+# XLA:CPU with several devices deadlocks when the host runs far ahead of the devices: once 32
+# computations are queued on a device, the next launch blocks a thread of the client's pool (8
+# threads for 8 devices) and the queued work that would free it needs one of those threads. The
+# train loop bounds its run-ahead (loop._Metrics.add); synchronous dispatch also runs programs
+# without collectives inline, so a test that loops over small sharded computations queues nothing.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 # Tests build the same tiny programs many times (each train() call traces new closures);

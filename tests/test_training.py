@@ -15,7 +15,7 @@ from conftest import nearest_distance, swissroll_config, tiny_digits_config
 from diffusion_jax.data import toy
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.sample import sample
-from diffusion_jax.training import experiment, optimizer
+from diffusion_jax.training import experiment, loop, optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.loop import train
 
@@ -69,6 +69,19 @@ def test_resume_continues_exactly(tmp_path, digits_data_dir):
     config.sample.update(sampler="ddpm", steps=10, num_samples=4, batch_size=8)
     png, npz = sample(config, workdir)
     assert png.name == "samples_4.png" and np.load(npz)["arr_0"].shape == (4, 8, 8, 1)
+
+
+def test_train_loop_runs_at_most_one_step_ahead(monkeypatch):
+    """Queuing step t's metrics waits for step t-1: unbounded run-ahead deadlocks XLA:CPU's devices."""
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda tree: waited.append(tree) or tree)
+    metrics = loop._Metrics("stop")
+    step_metrics = [{"loss": jnp.float32(t), "nonfinite": jnp.bool_(False)} for t in range(3)]
+    metrics.add(1, step_metrics[0])
+    assert waited == []
+    metrics.add(2, step_metrics[1])
+    metrics.add(3, step_metrics[2])
+    assert len(waited) == 2 and waited[0] is step_metrics[0] and waited[1] is step_metrics[1]
 
 
 def test_ema_tracks_params():

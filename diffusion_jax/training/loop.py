@@ -39,6 +39,16 @@ class _Metrics:
         self._host: list[dict[str, float]] = []
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Queues step `step`'s metrics, then waits for the step before it to finish.
+
+        The wait bounds how far the host runs ahead of the devices to two steps: one
+        executing, one queued behind it, which keeps accelerators busy. Unbounded
+        run-ahead deadlocks XLA:CPU with several devices (a fast loop fills a device's
+        32-computation in-flight limit; the blocked launches then hold every thread of
+        the client's pool, and no device can finish its part of the next all-reduce).
+        """
+        if self._pending:
+            jax.block_until_ready(self._pending[-1][1])
         self._pending.append((step, metrics))
 
     def drain(self, last_saved: int | None) -> None:
