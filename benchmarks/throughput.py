@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--peak-gflops", type=float, default=DEFAULT_PEAK_GFLOPS)
     p.add_argument("--dump-hlo", default=None, help="write the optimised HLO text of the compiled program here")
-    p.add_argument("--profile", default=None, help="jax.profiler trace of the timed reps into this directory")
+    p.add_argument(
+        "--profile", default=None, help="jax.profiler trace of the timed reps into this directory (op_profile.py)"
+    )
     return p.parse_args(argv)
 
 
@@ -247,7 +249,7 @@ def main(argv=None) -> None:
     for _ in range(args.warmup - 1):
         run()
     if args.profile:
-        jax.profiler.start_trace(args.profile)
+        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)  # read by op_profile.py
     recs = time_reps(run, reps)
     if args.profile:
         jax.profiler.stop_trace()

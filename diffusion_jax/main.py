@@ -9,13 +9,14 @@ JAX's distributed runtime; without them a SLURM `srun` step, an Open MPI job or 
 is detected, and anything else runs as one process.
 """
 
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from diffusion_jax.runtime import configure_xla_flags
+from diffusion_jax.runtime import HUGE_PAGE_MALLOC, configure_xla_flags, reexec_with_huge_page_malloc
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to the experiment config file.", lock_config=True)
@@ -95,6 +96,9 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "diffusion_jax" in record.pathname
     )
+    if os.environ.get("GLIBC_TUNABLES") == HUGE_PAGE_MALLOC:
+        logging.info("glibc malloc on transparent huge pages (GLIBC_TUNABLES=%s; set GLIBC_TUNABLES to choose "
+                     "otherwise)", HUGE_PAGE_MALLOC)
     if cluster is not None:
         logging.info(
             "Process %d of %d (cluster from %s): %d local device(s) of %d", jax.process_index(),
@@ -112,4 +116,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_page_malloc()  # before any thread starts; a no-op where GLIBC_TUNABLES is set
     app.run(main, flags_parser=parse_flags)

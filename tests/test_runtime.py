@@ -1,5 +1,9 @@
-"""Process-level settings: the XLA:CPU flags chosen per model, and the persistent compilation cache."""
+"""Process-level settings: the XLA:CPU flags chosen per model, the persistent compilation cache, and
+glibc's malloc on huge pages."""
 
+import os
+import subprocess
+import sys
 from importlib import metadata
 
 import jax
@@ -32,3 +36,40 @@ def test_a_compilation_cache_already_set_wins(tmp_path):
     runtime.enable_compilation_cache(str(tmp_path))
     runtime.enable_compilation_cache(None)
     assert jax.config.jax_compilation_cache_dir == before
+
+
+# Child: re-exec if runtime chooses to, then fault in a 256 MiB malloc'd buffer and report the faults.
+_CHILD = """
+import os, resource, sys
+from diffusion_jax import runtime
+runtime.reexec_with_huge_page_malloc()
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size = 256 * 2**20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(libc.malloc(size), 1, size)  # plain malloc: numpy asks for huge pages on its own
+print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _run_child(env_tunables: str | None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if env_tunables is not None:
+        env["GLIBC_TUNABLES"] = env_tunables
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
+    tunables, faults = out.stdout.split()
+    return tunables, int(faults)
+
+
+@pytest.mark.skipif(not runtime.huge_page_malloc_available(), reason="needs glibc >= 2.35 and transparent huge pages")
+def test_the_reexec_puts_large_mallocs_on_huge_pages():
+    tunables, faults = _run_child(None)
+    assert tunables == runtime.HUGE_PAGE_MALLOC
+    _, faults_without = _run_child("glibc.malloc.hugetlb=0")  # the user's setting wins: no re-exec
+    assert faults_without >= 60_000  # 256 MiB in 4 KiB pages
+    assert faults < faults_without / 20  # 2 MiB pages (with some 4 KiB fallbacks)
+
+
+def test_no_reexec_where_the_user_set_glibc_tunables():
+    assert _run_child("glibc.malloc.hugetlb=0")[0] == "glibc.malloc.hugetlb=0"
