@@ -317,4 +317,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from diffusion_jax.runtime import reexec_with_huge_page_malloc
+
+    # As the entry point does (a no-op where GLIBC_TUNABLES is set: GLIBC_TUNABLES=glibc.malloc.hugetlb=0
+    # measures without it).
+    reexec_with_huge_page_malloc()
     main()
