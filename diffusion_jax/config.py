@@ -20,6 +20,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
   non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update),
+  `on_checkpoint_error` (a checkpoint that cannot be written: disk full, permission, quota; 'stop': exit 1
+  with one line naming the step, the space it needed and had, and the newest intact step; 'retry': log that
+  line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
+  a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
   `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
   `label_dropout` (class-conditional models: the probability of training on the null label instead, which
@@ -119,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             ema_decays=(0.9999,),
             on_nonfinite="stop",
+            on_checkpoint_error="stop",
+            lock_stale_after_s=900.0,
             objective="denoise",
             label_dropout=0.1,
             grad_accum_steps=1,

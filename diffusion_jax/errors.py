@@ -15,3 +15,8 @@ class TrainingStopped(RuntimeError):
     The entry point prints its one-line message and exits non-zero; what was
     already saved is kept.
     """
+
+
+class TrainingInterrupted(TrainingStopped):
+    """A run stopped by Ctrl-C after saving its current step: the entry point prints the
+    message (not as an error) and exits with status 130, the shell's code for Ctrl-C."""

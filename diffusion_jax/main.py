@@ -40,6 +40,11 @@ flags.DEFINE_integer(
     "initialization_timeout", 300,
     "Multi-process runs: seconds to wait for every process to connect; JAX aborts the process after it.",
 )
+flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even though the config changes the model, the diffusion process or the objective of the "
+    "workdir's checkpoint (a change of any other field is always allowed, and recorded in config_history.jsonl).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,10 +53,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     ml_collections raises a KeyError, AttributeError or TypeError (with a traceback) for an
     override of a field the config does not have; this names the flag and lists
-    the fields at the level that failed. Other flag errors keep absl's message.
+    the fields at the level that failed; a config file that does not exist is one line naming
+    the path. Other flag errors keep absl's message.
     """
+    _check_config_file(argv)
     try:
-        return app.parse_flags_with_usage(argv)
+        rest = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError, TypeError):
         config_file = flags.FlagValues()  # only --config, to load the config the overrides apply to
         flags.DEFINE_string("config", None, "", flag_values=config_file)
@@ -67,6 +74,18 @@ def parse_flags(argv: list[str]) -> list[str]:
                     sys.exit(f"{error} no field {key!r} in {path}; its fields are: {', '.join(node)}")
                 node = node[key]
         raise
+    return rest
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A `--config` file that does not exist is one line (config_flags fails later, with a traceback)."""
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(r"-{1,2}config(?:=(.*))?", arg)
+        if match:
+            value = match[1] if match[1] is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+            path = value.split(":", 1)[0]  # a config file may take an argument: file.py:arg
+            if path and not os.path.isfile(path):
+                sys.exit(f"error: --config: no such file: {path} (relative to {os.getcwd()})")
 
 
 def main(argv: list[str]) -> None:
@@ -75,7 +94,8 @@ def main(argv: list[str]) -> None:
     configure_xla_flags(FLAGS.config.model.get("name"))  # before JAX starts its backend
     # Imported here so that the XLA flags above are set before anything touches JAX.
     from diffusion_jax import distributed
-    from diffusion_jax.errors import ConfigError, TrainingStopped
+    from diffusion_jax.errors import ConfigError, TrainingInterrupted, TrainingStopped
+    from diffusion_jax.training.preemption import INTERRUPT_EXIT_CODE
 
     try:  # joins the other processes before any JAX backend starts (jax.distributed requires it)
         cluster = distributed.initialize(
@@ -89,12 +109,17 @@ def main(argv: list[str]) -> None:
 
     from diffusion_jax.evaluate import evaluate
     from diffusion_jax.sample import sample
+    from diffusion_jax.training.checkpoint import is_orbax_save_failure_record
     from diffusion_jax.training.loop import train
 
     logging.set_verbosity(logging.INFO)
-    # INFO lines from this package; only warnings and errors from libraries (orbax, jax).
+    # INFO lines from this package; only warnings and errors from libraries (orbax, jax), less orbax's
+    # tracebacks of a failed checkpoint write, which the Checkpointer reports in one line.
     logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "diffusion_jax" in record.pathname
+        lambda record: "diffusion_jax" in record.pathname or (
+            record.levelno >= logging.converter.STANDARD_WARNING
+            and not is_orbax_save_failure_record(record.getMessage())
+        )
     )
     if os.environ.get("GLIBC_TUNABLES") == HUGE_PAGE_MALLOC:
         logging.info("glibc malloc on transparent huge pages (GLIBC_TUNABLES=%s; set GLIBC_TUNABLES to choose "
@@ -106,11 +131,17 @@ def main(argv: list[str]) -> None:
         )
     try:
         if FLAGS.mode == "train":
-            train(FLAGS.config, FLAGS.workdir)
+            train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
         elif FLAGS.mode == "sample":
             sample(FLAGS.config, FLAGS.workdir)
         else:
             evaluate(FLAGS.config, FLAGS.workdir)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C outside the train loop (building, compiling, sample or eval mode)
+        print(f"interrupted (Ctrl-C) in --mode={FLAGS.mode}; checkpoints are as they were", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT_CODE)
     except (ConfigError, TrainingStopped) as e:
         sys.exit(f"error: {e}")
 

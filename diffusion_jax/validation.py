@@ -110,6 +110,8 @@ RULES: tuple[Rule, ...] = (
     Rule("training.keep_checkpoints", _optional(_int(1)), "None (keep all) or an int >= 1"),
     Rule("training.ema_decays", _seq(_UNIT), "a tuple of floats in [0, 1)"),
     Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
+    Rule("training.on_checkpoint_error", lambda v: v in ("retry", "stop"), "'retry' or 'stop'", optional=True),
+    Rule("training.lock_stale_after_s", _real(0.0, open_low=True), "a float > 0 (seconds)", optional=True),
     Rule("training.objective", lambda v: v in ("denoise", "classify"), "'denoise' or 'classify'", optional=True),
     Rule("training.label_dropout", _UNIT, "a float in [0, 1)", optional=True),
     Rule("sample.guidance_channels", _optional(_int(1)), "None (all) or an int >= 1", optional=True),

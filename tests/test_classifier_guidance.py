@@ -15,6 +15,7 @@ import diffusion_jax as dj
 from diffusion_jax import classifier_loss, diffusion, exact, guidance, models
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
+from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.loop import train
 from diffusion_jax.training.sampling import make_sample_fn
 from diffusion_jax.validation import validate_config
@@ -334,11 +335,12 @@ def test_guided_sampling_with_a_trained_classifier(
 def test_bad_classifier_workdirs_are_one_line_config_errors(
     classifier_workdir, digits_data_dir, diffusion_run, tmp_path
 ):
-    with pytest.raises(ConfigError, match="sample.classifier_workdir: .* has no config.json"):
+    with pytest.raises(ConfigError, match="sample.classifier_workdir: .* has no checkpoints/ directory"):
         sample_fn(diffusion_run, digits_data_dir, classifier_workdir=str(tmp_path / "missing"))
     diffusion_workdir = tmp_path / "diffusion_run"
-    diffusion_workdir.mkdir()
-    (diffusion_workdir / "config.json").write_text(tiny_digits_config(digits_data_dir).to_json())
+    checkpointer = Checkpointer(diffusion_workdir / "checkpoints")  # a diffusion run's checkpoint, with its config
+    checkpointer.save(1, diffusion_run[0].init_state(), tiny_digits_config(digits_data_dir))
+    checkpointer.close()
     with pytest.raises(ConfigError, match="sample.classifier_workdir: .* is not a classifier run"):
         sample_fn(diffusion_run, digits_data_dir, classifier_workdir=str(diffusion_workdir))
     config = tiny_digits_config(digits_data_dir)

@@ -1,8 +1,12 @@
-"""Orbax checkpoints of the train state, with the resolved config saved beside it."""
+"""Orbax checkpoints of the train state, with the resolved config saved in each one."""
 
+import errno
+import os
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -13,6 +17,24 @@ from jax.experimental import multihost_utils
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training.mesh import path_name
 from diffusion_jax.training.state import TrainState
+
+# orbax's own log records of a failed background save (each with a traceback of ~40 lines), and
+# asyncio's about the writes it abandoned (they name the save's temporary directory). The
+# Checkpointer reports that failure as one CheckpointWriteError line, so the entry point drops these.
+_ORBAX_SAVE_FAILURE_RECORDS = (
+    "_SignalingThread.run() raised an exception", "in background save thread", "Save Finalize thread",
+    ".orbax-checkpoint-tmp",
+)
+
+
+def is_orbax_save_failure_record(message: str) -> bool:
+    """Whether a log message is orbax's (or asyncio's) report of a failed background save."""
+    return any(text in message for text in _ORBAX_SAVE_FAILURE_RECORDS)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (disk full, permission, quota): one line saying
+    which step, the bytes it needed and the bytes free, and the newest intact step."""
 
 
 def _shapes(tree: object) -> dict[str, tuple[int, ...]]:
@@ -30,6 +52,12 @@ class Checkpointer:
     file) is skipped for the next older one, and moved to
     `<workdir>/damaged_checkpoints/` only when training saves that step again.
     Restoring changes nothing on disk.
+
+    Each save first checks the free space against the newest checkpoint's size (the
+    state's size before the first), and a write that fails in the background (a full
+    disk, a permission or quota error) is reported by the next `save`, `poll` or `wait`
+    as a `CheckpointWriteError`; its partial directory is removed, and every finished
+    checkpoint is left as it was.
     """
 
     def __init__(self, directory: str | Path, max_to_keep: int | None = None):
@@ -40,6 +68,7 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
         )
         self._damaged: set[int] = set()  # steps that failed to restore; set aside before re-saving
+        self._pending: tuple[int, int] | None = None  # (step, bytes needed) of the save in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -54,13 +83,96 @@ class Checkpointer:
         return self._manager.restore(step, args=args).state
 
     def save(self, step: int, state: TrainState, config: ml_collections.ConfigDict) -> None:
-        """Starts an async save of step `step`; returns once the arrays are copied."""
+        """Starts an async save of step `step` (with `config`); returns once the arrays are copied.
+
+        Raises `CheckpointWriteError` if the previous save failed, or if the disk has less
+        room than this checkpoint needs (nothing is written then).
+        """
+        self._finish_pending()
         if step in self._damaged:
             self._set_aside(step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())),
+        needed = self._expected_bytes(state)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointWriteError(self._failure(step, "not enough free space", needed, free))
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())
+                ),
+            )
+        except Exception as e:  # noqa: BLE001  a synchronous part of the write failed
+            self._discard_partial(step)
+            raise CheckpointWriteError(self._failure(step, _reason(e), needed)) from e
+        self._pending = (step, needed)
+
+    def poll(self) -> None:
+        """Raises `CheckpointWriteError` if the save in flight has already failed; never blocks."""
+        if self._pending is None:
+            return
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001  reported as one line
+            self._pending_failed(e)
+
+    def _finish_pending(self) -> None:
+        if self._pending is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  reported as one line
+            self._pending_failed(e)
+        self._pending = None
+
+    def _pending_failed(self, error: Exception) -> None:
+        step, needed = self._pending
+        self._pending = None
+        self._discard_partial(step)
+        raise CheckpointWriteError(self._failure(step, _reason(error), needed)) from error
+
+    def _expected_bytes(self, state: TrainState) -> int:
+        """The newest checkpoint's size on disk, or before the first one this host's share of the state."""
+        newest = self.latest_step()
+        if newest is not None:
+            files = (self.directory / str(newest)).rglob("*")
+            return sum(f.stat().st_size for f in files if f.is_file())
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(state)) // jax.process_count()
+
+    def _failure(self, step: int, reason: str, needed: int, free: int | None = None) -> str:
+        if free is None:
+            free = shutil.disk_usage(self.directory).free
+        newest = self.latest_step()
+        kept = f"the newest intact checkpoint is step {newest}" if newest is not None else "no checkpoint is saved yet"
+        return (
+            f"the checkpoint of step {step} could not be written to {self.directory}: {reason} (it needs about "
+            f"{_size(needed)}, {_size(free)} free); {kept}"
         )
+
+    def _discard_partial(self, step: int) -> None:
+        """Removes what a failed save left (orbax never lists it) and re-reads the directory."""
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self._manager.reload()
+
+    def restore_subtrees(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+        """Only the named parts of step `step`'s state (e.g. {'params': ..., 'ema_params': [...]}),
+        restored into the ShapeDtypeStructs (with shardings) of `abstract`; the optimiser state and
+        everything else stay on disk (orbax partial restore)."""
+        args = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+        )
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(self.directory / str(step) / "state", args=args)
+
+    def saved_config(self, step: int) -> dict[str, Any] | None:
+        """The config saved with the checkpoint of `step`, or None if it cannot be read."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception:  # noqa: BLE001  a missing or damaged config item
+            return None
+        return restored.config
 
     def restore_or_none(self, abstract_state: TrainState) -> TrainState | None:
         """The newest good checkpoint restored into `abstract_state`, or None if there is none.
@@ -138,10 +250,31 @@ class Checkpointer:
         logging.warning("Moved the damaged checkpoint of step %d to %s before saving that step again", step, damaged)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the save in flight; raises `CheckpointWriteError` if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
+        """Waits for the save in flight (a failure is logged, not raised) and closes the manager."""
+        try:
+            self._finish_pending()
+        except CheckpointWriteError as e:
+            logging.error("%s", e)
         self._manager.close()
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes / 2**10:.1f} KiB"
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, briefly: the OS error's name where one is known (orbax wraps tensorstore's)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror}"
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code:
+        number = int(code[1])
+        return f"{errno.errorcode.get(number, number)}: {os.strerror(number)}"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: Exception) -> str:

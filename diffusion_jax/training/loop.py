@@ -8,16 +8,18 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffusion_jax import data
-from diffusion_jax.errors import TrainingStopped
+from diffusion_jax.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from diffusion_jax.evaluate import Evaluator, write_results
-from diffusion_jax.training import experiment, throughput
+from diffusion_jax.training import experiment, run_config, throughput
 from diffusion_jax.training import mesh as mesh_lib
-from diffusion_jax.training.checkpoint import Checkpointer
+from diffusion_jax.training.checkpoint import Checkpointer, CheckpointWriteError
 from diffusion_jax.training.preemption import PreemptionWatcher
 from diffusion_jax.training.sampling import generate, save_samples
 from diffusion_jax.training.state import TrainState
+from diffusion_jax.training.workdir_lock import WorkdirLock
 from diffusion_jax.training.writer import MetricWriter, Progress
 
 
@@ -75,35 +77,76 @@ class _Metrics:
         return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, allow_config_change: bool = False) -> TrainState:
     """Trains `config` in `workdir`, resuming from its newest good checkpoint if there is one.
 
-    Writes `config.json`, `checkpoints/`, TensorBoard events, `metrics.jsonl` and
-    `samples/` (DESIGN §4 'Workdir'; a `training.objective='classify'` run draws no samples
-    and logs its accuracy on noised images instead). On SIGTERM (or a multi-host preemption notice)
-    it saves the current step and returns. Returns the final train state.
+    Writes `config.json`, `checkpoints/` (each with the resolved config), TensorBoard events,
+    `metrics.jsonl`, `config_history.jsonl` and `samples/` (DESIGN §4 'Workdir'; a
+    `training.objective='classify'` run draws no samples and logs its accuracy on noised images
+    instead). The workdir is locked for the run (`workdir_lock`): a second run on it stops at
+    once. A resume whose config differs from the checkpoint's logs the differences and records
+    them in `config_history.jsonl`; one that changes the model, the process or the objective
+    (`run_config.PROTECTED`) is refused unless `allow_config_change`. On SIGTERM (or a multi-host
+    preemption notice) it saves the current step and returns; on Ctrl-C it saves and raises
+    `TrainingInterrupted`. Returns the final train state.
     """
     workdir = Path(workdir)
-    exp = experiment.build(config)  # validates the whole config before compiling
-    eval_every = config.get("eval", {}).get("every", 0)
-    evaluator = Evaluator(config, exp, workdir) if eval_every else None  # checks the eval fields now
-    workdir.mkdir(parents=True, exist_ok=True)
     training = config.training
-
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    lock = WorkdirLock(workdir, stale_after_s=training.get("lock_stale_after_s", 900.0))
+    _lock_on_process_0(lock)  # first: a second run on this workdir stops before building anything
     try:
-        state = checkpointer.restore_or_none(exp.abstract_state)  # onto this run's mesh, whatever the saver's
-        if state is None:
-            state = exp.init_state()
+        exp = experiment.build(config)  # validates the whole config before compiling
+        eval_every = config.get("eval", {}).get("every", 0)
+        evaluator = Evaluator(config, exp, workdir) if eval_every else None  # checks the eval fields now
+        checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+        try:
+            _check_resume(config, workdir, checkpointer, allow_config_change)
+            state = checkpointer.restore_or_none(exp.abstract_state)  # onto this run's mesh, whatever the saver's
+            if state is None:
+                state = exp.init_state()
+            else:
+                logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
             if jax.process_index() == 0:
-                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        else:
-            logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
-        return _run(config, workdir, exp, state, checkpointer, writer, evaluator)
+                run_config.write_config_file(workdir, config)
+            return _run(config, workdir, exp, state, checkpointer, writer, evaluator, lock)
+        finally:
+            checkpointer.close()  # waits for async saves to finish
+            writer.close()
     finally:
-        checkpointer.close()  # waits for async saves to finish
-        writer.close()
+        if jax.process_index() == 0:
+            lock.release()
+
+
+def _lock_on_process_0(lock: WorkdirLock) -> None:
+    """Process 0 takes the workdir lock; every process stops if it could not."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            raise ConfigError(f"--workdir: {lock.path.parent} is in use by another run (see process 0's log)")
+    if error is not None:
+        raise error
+
+
+def _check_resume(
+    config: ml_collections.ConfigDict, workdir: Path, checkpointer: Checkpointer, allow_change: bool
+) -> None:
+    """Compares this run's config with the newest checkpoint's, before anything compiles."""
+    for step in reversed(checkpointer.all_steps()):
+        saved = checkpointer.saved_config(step)
+        if saved is None:
+            continue
+        changes = run_config.diff(saved, run_config.as_json(config))
+        run_config.check_resume(changes, step, allow_change)
+        if jax.process_index() == 0:
+            run_config.record_resume(workdir, changes, step)
+        return
 
 
 def _run(
@@ -113,9 +156,40 @@ def _run(
     state: TrainState,
     checkpointer: Checkpointer,
     writer: MetricWriter,
-    evaluator: Evaluator | None = None,
+    evaluator: Evaluator | None,
+    lock: WorkdirLock,
 ) -> TrainState:
     training = config.training
+    policy = training.get("on_checkpoint_error", "stop")
+
+    def write_failed(error: CheckpointWriteError, final: bool) -> None:
+        """Stops the run, or under 'retry' (unless `final`: no interval follows) logs the failure and goes on."""
+        if policy == "retry" and not final:
+            logging.error("%s; training.on_checkpoint_error='retry': training on, retrying at the next checkpoint",
+                          error)
+            return
+        raise TrainingStopped(f"{error}; stopped (training.on_checkpoint_error={policy!r})") from None
+
+    def save(step: int, final: bool) -> bool:
+        """Saves `step` (and with `final` waits until it is written); False if the write failed under 'retry'."""
+        if lock.lost:
+            raise TrainingStopped(
+                f"--workdir: the lock of {workdir} was taken over ({lock.lost}); stopped at step {step} without "
+                "saving, so that two runs' checkpoints do not mix"
+            )
+        try:
+            checkpointer.wait()  # the previous save, whose failure is reported (and under 'retry' passed) alone
+        except CheckpointWriteError as e:
+            write_failed(e, final=False)
+        try:
+            checkpointer.save(step, state, config)
+            if final:
+                checkpointer.wait()
+        except CheckpointWriteError as e:
+            write_failed(e, final)
+            return False
+        return True
+
     start_step = int(state.step)
     if start_step >= training.num_steps:
         logging.info("Already at step %d of training.num_steps=%d: nothing to train", start_step, training.num_steps)
@@ -161,8 +235,12 @@ def _run(
                 progress.update(step)
             if preemption.should_stop(step):
                 metrics.drain(last_saved)
-                checkpointer.save(step, state, config)
-                checkpointer.wait()
+                save(step, final=True)
+                if preemption.reason == "Ctrl-C":
+                    raise TrainingInterrupted(
+                        f"interrupted (Ctrl-C): saved the checkpoint of step {step} in {checkpointer.directory}; "
+                        "the same command resumes from it"
+                    )
                 logging.info("Preempted: saved the checkpoint of step %d in %s; exiting", step, checkpointer.directory)
                 return state
             if _every(step, training.log_every, training.num_steps):
@@ -177,10 +255,15 @@ def _run(
                 }
                 writer.write_scalars(step, scalars)
                 logging.info(progress.line(step, {k: scalars[k] for k in shown}))
+                try:
+                    checkpointer.poll()  # a background write that failed is reported now, not at the next save
+                except CheckpointWriteError as e:
+                    write_failed(e, final=False)
+                    last_saved = checkpointer.latest_step()
             if _every(step, training.checkpoint_every, training.num_steps):
                 metrics.drain(last_saved)
-                checkpointer.save(step, state, config)
-                last_saved = step
+                if save(step, final=step == training.num_steps):
+                    last_saved = step
             if not classify and _every(step, training.sample_every, training.num_steps):
                 metrics.drain(last_saved)
                 with progress.excluded():

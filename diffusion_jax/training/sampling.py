@@ -5,7 +5,6 @@ and `samples_<step>.npz` holds `arr_0`: uint8 [N, H, W, C] images, the layout th
 ADM (guided-diffusion) evaluator reads, or float32 [N, D] points.
 """
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,14 +18,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import data, distributed, guidance
+from diffusion_jax import distributed, guidance
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.loading import load
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
-from diffusion_jax.training import optimizer
-from diffusion_jax.training import state as state_lib
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like
-from diffusion_jax.training.setup import build_model, model_apply, network_output_fn, sampler_from_config
+from diffusion_jax.training.setup import model_apply, network_output_fn, sampler_from_config
 
 # (params, key) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used)
 SampleFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]
@@ -45,22 +42,19 @@ def load_classifier(
 ) -> Classifier | None:
     """The classifier of `sample.classifier_workdir` (None when unset), restored and replicated.
 
-    That workdir's `config.json` gives the model and its newest checkpoint the weights (the
-    EMA its own `sample.ema_decay` names). It must be a `training.objective='classify'` run on
-    this run's data shape and noise schedule, since the classifier is called at the diffusion
-    model's times t; anything else is a one-line ConfigError naming `sample.classifier_workdir`.
+    That workdir's newest checkpoint gives the model, the config it was trained with and the
+    weights (the EMA its own `sample.ema_decay` names; `diffusion_jax.load`). It must be a
+    `training.objective='classify'` run on this run's data shape and noise schedule, since the
+    classifier is called at the diffusion model's times t; anything else is a one-line ConfigError
+    naming `sample.classifier_workdir`.
     """
-    from diffusion_jax.training import experiment  # experiment imports this module
-
     workdir = config.sample.get("classifier_workdir")
     if workdir is None:
         return None
     field = f"sample.classifier_workdir: {workdir}"
-    config_file = Path(workdir) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{field} has no config.json; train a classifier there first (training.objective='classify')")
-    cls_config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    objective = cls_config.get("training", {}).get("objective", "denoise")
+    loaded = load(workdir, sharding=mesh_lib.replicated(sharding.mesh), field="sample.classifier_workdir")
+    cls_config = loaded.config
+    objective = cls_config.training.get("objective", "denoise")
     if objective != "classify":
         raise ConfigError(f"{field} is not a classifier run (its training.objective is {objective!r}, not 'classify')")
     ours = (config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -70,22 +64,11 @@ def load_classifier(
             f"{field} holds a classifier of diffusion.schedule={theirs[0]!r}, num_timesteps={theirs[1]}; "
             f"guiding this model needs the same noise levels ({ours[0]!r}, {ours[1]})"
         )
-    shape = tuple(data.example_shape(cls_config.data))
-    if shape != tuple(example_shape):
-        raise ConfigError(f"{field} holds a classifier of inputs {shape}; this model makes {tuple(example_shape)}")
-    graphdef, init_params = build_model(cls_config, example_shape)
-    tx = optimizer.make_optimizer(cls_config.optim, cls_config.training.num_steps)
-    abstract = jax.eval_shape(
-        lambda key: state_lib.create(init_params(key), tx, len(cls_config.training.ema_decays), key), jax.random.key(0)
-    )
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
-    try:
-        state = checkpointer.restore_or_none(abstract_like(abstract, mesh_lib.replicated(sharding.mesh)))
-    finally:
-        checkpointer.close()
-    if state is None:
-        raise ConfigError(f"{field} has no checkpoint; train the classifier first (training.objective='classify')")
-    return Classifier(graphdef, experiment.sampling_params(cls_config, state), int(cls_config.model.num_classes))
+    if loaded.example_shape != tuple(example_shape):
+        raise ConfigError(
+            f"{field} holds a classifier of inputs {loaded.example_shape}; this model makes {tuple(example_shape)}"
+        )
+    return Classifier(loaded.graphdef, loaded.params, int(cls_config.model.num_classes))
 
 
 def _no_samples(params: nnx.State, key: jax.Array) -> jax.Array:
