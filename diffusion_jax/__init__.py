@@ -13,10 +13,11 @@ The data pipeline (`diffusion_jax.data`), the training system (`diffusion_jax.tr
 sample-quality metrics (`diffusion_jax.metrics`) are imported on their own.
 """
 
-from diffusion_jax import diffusion, guidance, likelihood, models, samplers, schedules, sde, vlb
+from diffusion_jax import conditioning, diffusion, guidance, likelihood, models, samplers, schedules, sde, vlb
 
 __all__ = [
-    "LoadedModel", "diffusion", "guidance", "likelihood", "load", "models", "samplers", "schedules", "sde", "vlb",
+    "LoadedModel", "conditioning", "diffusion", "guidance", "likelihood", "load", "models", "samplers", "schedules",
+    "sde", "vlb",
 ]
 
 

@@ -9,7 +9,13 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   over 'fsdp') or a PartitionSpec tuple; `fsdp_min_size` (parameters with fewer elements stay replicated).
 - `data`: `name` (digits | cifar10 | swiss_roll | eight_gaussians | two_moons), `image_size`,
   `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
-- `model`: `name` (unet | mlp) and that model's constructor arguments.
+- `data.captions` (digits only): batches also hold `tokens`/`token_mask`, a caption per image from its label
+  and measured thickness and slant (`diffusion_jax.data.captions`).
+- `model`: `name` (unet | mlp | dit | ...) and that model's constructor arguments; the U-Net's conditioning
+  (`diffusion_jax.conditioning`): `num_classes`, `context_dim` (cross-attention to `cond['context']`: every
+  attention block becomes LDM's SpatialTransformer, `transformer_depth` blocks deep), `pooled_dim`, and
+  `text_encoder` (a dict of `width`, `depth`, `num_heads`; a transformer over `cond['tokens']` trained jointly,
+  whose vocabulary comes from `data.captions`).
 - `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
   `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | min_snr), `min_snr_gamma`,
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
@@ -26,7 +32,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
   `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
-  `label_dropout` (class-conditional models: the probability of training on the null label instead, which
+  `label_dropout` (conditional models: the probability of training on the whole null condition (null label,
+  empty caption; `conditioning.drop`) instead, which
   makes the same network the unconditional model of classifier-free guidance; 0.1 as DiT), `grad_accum_steps`
   (microbatches whose gradients make one update; `batch_size` stays the global batch), `peak_flops` (FLOP/s
   of one device, for the model-FLOPs utilisation in the logs; None: measured with a matmul at start; 0: off),
@@ -39,7 +46,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (euler, heun); `predictor`, `corrector`, `snr`, `n_corrector` (pc); `n_steps_each`, `step_lr`,
   `denoise_final` (langevin, ode); `ode_solver`, `rtol`, `atol`, `max_steps` (ode); `guidance_scale` s for
   classifier-free guidance of class-conditional models (s = 1 + w of Ho & Salimans; None or 1: none);
-  `guidance_channels` (None: guide the prediction's every
+  `prompts` (text-conditional models: the captions sampled, cycled; None: digits captions cycling 0-9
+  and thick / thin / leaning right / leaning left); `guidance_channels` (None: guide the prediction's every
   channel and keep a learned variance conditional; 3: DiT's guidance of the first three latent channels);
   `classifier_workdir` (the workdir of a `training.objective='classify'` run: its config.json and newest
   checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol

@@ -9,15 +9,15 @@ that any sampler drives unchanged (DESIGN §4 'Denoiser').
 """
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion
+from diffusion_jax import conditioning, diffusion
 
-# (x_t [B, ...], t [B], cond [B] int labels) -> prediction [B, ...]
-ConditionalModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (x_t [B, ...], t [B], cond: labels [B] or a condition dict, `conditioning`) -> prediction [B, ...]
+ConditionalModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 # (x_t [B, ...], t [B]) -> logits (or log-probabilities) of a noise-aware classifier [B, K]
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 # (x_t [B, ...], t [B]) -> s * grad_{x_t} log p(y | x_t, t) [B, ...]; DDPM's `cond_fn`
@@ -35,8 +35,8 @@ class HasAlphaSigma(Protocol):
 
 def classifier_free(
     model_fn: ConditionalModelFn,
-    cond: jax.Array,
-    null_label: int,
+    cond: conditioning.Cond,
+    null_label: int | None,
     guidance_weight: float,
     interval: tuple[int, int] | None = None,
     channels: int | None = None,
@@ -45,6 +45,9 @@ def classifier_free(
 
         eps~(x, c) = (1 + w) eps(x, c) - w eps(x, null).
 
+    `cond` is any condition (`diffusion_jax.conditioning`: labels, text tokens, a context sequence,
+    a pooled embedding); its null condition (`conditioning.null`: the null label `null_label`,
+    empty sequences, zero pooled embeddings) gives eps(x, null).
     `guidance_weight` is Ho & Salimans' w: w = 0 is the plain conditional model. The
     other common convention, a "scale" s (diffusers' `guidance_scale`, DiT's `cfg_scale`),
     is eps(x, null) + s (eps(x, c) - eps(x, null)), i.e. s = 1 + w. The combination
@@ -58,10 +61,11 @@ def classifier_free(
     its reported FIDs were measured with (Peebles & Xie 2023).
     """
 
+    both = conditioning.concat(cond, conditioning.null(cond, null_label))  # [2B]: conditional, then null
+
     def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
         batch = x_t.shape[0]
-        labels = jnp.concatenate([cond, jnp.full((batch,), null_label, cond.dtype)])
-        out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), labels)
+        out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), both)
         conditional, unconditional = out[:batch], out[batch:]
         w = jnp.asarray(guidance_weight, conditional.dtype)
         if interval is not None:
@@ -73,17 +77,6 @@ def classifier_free(
         return jnp.concatenate([guided_out[..., :channels], conditional[..., channels:]], axis=-1)
 
     return guided
-
-
-def drop_labels(key: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
-    """Replaces each label by `null_label` with probability `rate`, independently: int [B] -> int [B].
-
-    Training with it (Ho & Salimans 2022, §3.2: p_uncond = 0.1 or 0.2; DiT's class_dropout_prob
-    0.1) makes one network both the conditional and the unconditional model that classifier-free
-    guidance combines.
-    """
-    drop = jax.random.bernoulli(key, rate, labels.shape)
-    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
 def label_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:

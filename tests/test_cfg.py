@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_digits_config
 
-from diffusion_jax import guidance
+from diffusion_jax import conditioning, guidance
 from diffusion_jax.metrics import digits
 from diffusion_jax.training import experiment, optimizer
 from diffusion_jax.training import state as state_lib
@@ -20,11 +20,11 @@ NUM_STEPS = 800  # the slow test's training length
 
 def test_label_dropout_yields_the_null_class_at_its_rate():
     labels = jnp.arange(200_000, dtype=jnp.int32) % 10
-    dropped = np.asarray(guidance.drop_labels(jax.random.key(0), labels, 0.1, 10))
+    dropped = np.asarray(conditioning.drop(jax.random.key(0), labels, 0.1, 10))
     null = dropped == 10
     assert abs(null.mean() - 0.1) < 0.003  # 4.5 standard deviations at n = 200k
     np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])
-    assert np.all(np.asarray(guidance.drop_labels(jax.random.key(1), labels, 0.0, 10)) == np.asarray(labels))
+    assert np.all(np.asarray(conditioning.drop(jax.random.key(1), labels, 0.0, 10)) == np.asarray(labels))
 
 
 def test_the_train_step_feeds_the_network_null_labels_at_training_label_dropout(digits_data_dir, monkeypatch):

@@ -113,7 +113,7 @@ def test_warmup_schedule():
         ("sample.ema_decay", 0.5, "sample.ema_decay"),
         ("optim.name", "sgd", "optim.name: unknown optimizer 'sgd'"),
         ("model.learn_sigma", True, "model.learn_sigma"),
-        ("sample.guidance_scale", 2.0, "sample.guidance_scale: classifier-free guidance needs a class-conditional"),
+        ("sample.guidance_scale", 2.0, "sample.guidance_scale: classifier-free guidance needs a conditional model"),
         ("diffusion.prediction", "score", "diffusion.prediction: unknown prediction 'score'"),
     ],
 )

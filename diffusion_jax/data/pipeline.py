@@ -23,6 +23,9 @@ Config fields (`data.*`, all optional except `name`):
   data_dir      tfds data directory (default None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
   split         tfds split to read (default 'train'; slices such as 'train[:90%]' work)
   random_flip   random horizontal flips, a function of (seed, step, row) (default False)
+  captions      digits only: add `tokens` int32 [B, L] and `token_mask` bool [B, L], a caption of each
+                image composed from its label and its measured thickness and slant
+                (`data.captions`), drawn anew at every step as a function of (seed, step, row)
   num_threads   grain threads building batches (default 1)
   prefetch      batches built ahead (default 4)
 """
@@ -43,7 +46,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from diffusion_jax.data import toy
+from diffusion_jax.data import captions, toy
 from diffusion_jax.data.digits import prepare_digits
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.registry import Registry
@@ -71,7 +74,7 @@ class ToyDataset:
 
 
 # Stream tags: independent random streams drawn from one seed.
-_SHUFFLE, _FLIP, _TOY = 0, 1, 2
+_SHUFFLE, _FLIP, _TOY, _CAPTION = 0, 1, 2, 3
 
 DATASETS: Registry[ImageDataset | ToyDataset] = Registry("dataset", "data.name")
 
@@ -215,6 +218,16 @@ def _example_indices(seed: int, num_examples: int, positions: np.ndarray) -> np.
     return indices
 
 
+def _caption_levels(data_config: Any, images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """With `data.captions`, the measured caption levels [N, P] of every image (`data.captions`)."""
+    if not data_config.get("captions", False):
+        return None
+    if data_config.get("name") != "digits":
+        raise ConfigError(f"data.captions: only the digits have captions (from their labels and measured "
+                          f"thickness and slant), not data.name={data_config.get('name')!r}")
+    return captions.levels(captions.measure(images), labels)
+
+
 def _image_dataset(
     dataset: ImageDataset,
     data_config: Any,
@@ -234,6 +247,7 @@ def _image_dataset(
     """
     images, labels = _load_split(dataset, data_config)
     random_flip = data_config.get("random_flip", False)
+    caption_levels = _caption_levels(data_config, images, labels)
     rows = np.arange(start, stop)
 
     def make_batch(step: int) -> dict[str, np.ndarray]:
@@ -243,7 +257,14 @@ def _image_dataset(
             flip_rng = np.random.default_rng([seed, _FLIP, step])
             flip = flip_rng.random(global_batch_size)[start:stop] < 0.5
             image[flip] = image[flip, :, ::-1]
-        return {"image": image.astype(np.float32) / 127.5 - 1.0, "label": labels[indices]}
+        batch = {"image": image.astype(np.float32) / 127.5 - 1.0, "label": labels[indices]}
+        if caption_levels is not None:
+            texts = [
+                captions.caption(int(labels[i]), caption_levels[i], np.random.default_rng([seed, _CAPTION, step, row]))
+                for i, row in zip(indices, rows, strict=True)
+            ]
+            batch["tokens"], batch["token_mask"] = captions.vocabulary().encode(texts, captions.max_caption_length())
+        return batch
 
     steps = grain.MapDataset.range(start_step, sys.maxsize)
     return steps.map(make_batch).to_iter_dataset(

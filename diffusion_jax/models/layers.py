@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from diffusion_jax import conditioning
+
 # Ho et al.'s `default_init` (diffusion_tf/nn.py): variance scaling 1.0, fan_avg, uniform.
 default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zeros_init = nnx.initializers.zeros_init()
@@ -112,9 +114,12 @@ class LabelEmbedder(nnx.Module):
 
 
 class ConditionEmbedder(nnx.Module):
-    """The conditioning vector of ADM (Dhariwal & Nichol 2021): emb = temb(t) + label_emb(y).
+    """The conditioning vector of ADM (Dhariwal & Nichol 2021): emb = temb(t) + label_emb(y),
+    plus, with `pooled_dim`, a linear map of a pooled text embedding (GLIDE, Nichol et al. 2022,
+    arXiv 2112.10741, §2.3; unCLIP, Imagen and SDXL add theirs the same way).
 
-    Without `num_classes` the model is unconditional and rejects labels.
+    Without `num_classes` the model is unconditional and rejects labels; without `pooled_dim`
+    it rejects a pooled embedding. A missing entry is the null condition (`diffusion_jax.conditioning`).
     """
 
     def __init__(
@@ -123,17 +128,28 @@ class ConditionEmbedder(nnx.Module):
         emb_dim: int,
         num_classes: int | None,
         *,
+        pooled_dim: int | None = None,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
         self.time = TimestepEmbedder(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.label = None if num_classes is None else LabelEmbedder(num_classes, emb_dim, rngs=rngs, dtype=dtype)
+        self.pooled = None if pooled_dim is None else linear(pooled_dim, emb_dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, t: jax.Array, cond: jax.Array | None) -> jax.Array:
-        """[B] timesteps and [B] labels (or None) -> [B, emb_dim]."""
-        if self.label is None and cond is not None:
+    def __call__(self, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
+        """[B] timesteps and a condition (labels [B], a dict with 'label' and 'pooled' [B, D], or None)
+        -> [B, emb_dim]."""
+        entries = conditioning.as_dict(cond)
+        if self.label is None and "label" in entries:
             raise ValueError("cond: class labels were given to a model built without model.num_classes")
+        if self.pooled is None and "pooled" in entries:
+            raise ValueError("cond: a pooled embedding was given to a model built without model.pooled_dim")
         emb = self.time(t)  # [B, emb_dim]
         if self.label is not None:
-            emb = emb + self.label(cond, t.shape[0])
+            emb = emb + self.label(entries.get("label"), t.shape[0])
+        if self.pooled is not None:  # a missing pooled embedding is the null one, zeros
+            pooled = entries.get("pooled")
+            if pooled is None:
+                pooled = jnp.zeros((t.shape[0], self.pooled.in_features), emb.dtype)
+            emb = emb + self.pooled(pooled)
         return emb

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from diffusion_jax import conditioning
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.attention import SpatialTransformer
 from diffusion_jax.models.layers import (
     ConditionEmbedder,
     default_init,
@@ -22,8 +24,20 @@ from diffusion_jax.models.layers import (
     linear,
     zeros_init,
 )
+from diffusion_jax.models.text import TextEncoder
 
 Direction = Literal["down", "up"]
+
+
+def _text_encoder(options: dict, context_dim: int | None, *, rngs: nnx.Rngs, dtype: DTypeLike) -> TextEncoder:
+    """The jointly trained text encoder of `model.text_encoder` (vocab_size, max_len, width, depth, num_heads)."""
+    required = ("vocab_size", "max_len", "width", "depth", "num_heads")
+    missing = [k for k in required if options.get(k) is None]
+    if missing:
+        raise ConfigError(f"model.text_encoder: missing {missing}; it needs {list(required)}")
+    if context_dim is not None and context_dim != options["width"]:
+        raise ConfigError(f"model.context_dim: {context_dim} != model.text_encoder.width {options['width']}")
+    return TextEncoder(**{k: options[k] for k in required}, rngs=rngs, dtype=dtype)
 
 
 def _conv3x3(
@@ -135,25 +149,40 @@ class AttentionBlock(nnx.Module):
         return x + self.proj_out(out.reshape(b, h, w, c))
 
 
-class Stage(nnx.Module):
-    """One entry of the down or up path: a ResBlock, then attention at the chosen resolutions."""
+Context = tuple[jax.Array, jax.Array] | None  # (context [B, L, D], context_mask [B, L]) for cross-attention
 
-    def __init__(self, res: ResBlock, attn: AttentionBlock | None, remat: bool = False):
+
+def _attend(attn: AttentionBlock | SpatialTransformer, h: jax.Array, context: Context) -> jax.Array:
+    """Self-attention, or LDM's SpatialTransformer with cross-attention to `context` (None: nothing to attend)."""
+    if isinstance(attn, SpatialTransformer):
+        return attn(h, *(context or (None, None)))
+    return attn(h)
+
+
+class Stage(nnx.Module):
+    """One entry of the down or up path: a ResBlock, then attention at the chosen resolutions
+    (with `model.context_dim`, LDM's SpatialTransformer: self- and cross-attention)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | SpatialTransformer | None, remat: bool = False):
         self.res = res
         self.attn = attn
         self.remat = remat
 
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None, context: Context = None
+    ) -> jax.Array:
         """[B, H, W, in_ch] -> [B, H, W, out_ch]; with `remat`, recomputed in the backward pass."""
         if self.remat:
-            return nnx.remat(_apply_stage, static_argnums=(3,))(self, x, emb, train, rngs)
-        return _apply_stage(self, x, emb, train, rngs)
+            return nnx.remat(_apply_stage, static_argnums=(3,))(self, x, emb, train, rngs, context)
+        return _apply_stage(self, x, emb, train, rngs, context)
 
 
-def _apply_stage(stage: Stage, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+def _apply_stage(
+    stage: Stage, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None, context: Context
+) -> jax.Array:
     """The stage's computation as a function of the stage, the form `nnx.remat` transforms."""
     h = stage.res(x, emb, train, rngs)
-    return h if stage.attn is None else stage.attn(h)
+    return h if stage.attn is None else _attend(stage.attn, h, context)
 
 
 class Resample(nnx.Module):
@@ -242,6 +271,8 @@ class Blocks:
         rngs: nnx.Rngs,
         dtype: DTypeLike,
         remat: bool = False,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
     ):
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
@@ -287,6 +318,8 @@ class Blocks:
         self.rngs = rngs
         self.dtype = dtype
         self.remat = remat
+        self.context_dim = context_dim
+        self.transformer_depth = transformer_depth
         self.res_kw = dict(
             emb_dim=self.emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rngs=rngs, dtype=dtype
         )
@@ -294,8 +327,15 @@ class Blocks:
     def res_block(self, cin: int, cout: int) -> ResBlock:
         return ResBlock(cin, cout, **self.res_kw)
 
-    def attention(self, channels: int) -> AttentionBlock:
+    def attention(self, channels: int) -> AttentionBlock | SpatialTransformer:
+        """Self-attention; with `context_dim`, LDM's SpatialTransformer (self- and cross-attention,
+        GEGLU feed-forward, `transformer_depth` blocks) in its place, as LDM's U-Net does."""
         heads = self.num_heads if self.num_head_channels is None else channels // self.num_head_channels
+        if self.context_dim is not None:
+            return SpatialTransformer(
+                channels, num_heads=heads, depth=self.transformer_depth, context_dim=self.context_dim,
+                rngs=self.rngs, dtype=self.dtype,
+            )
         return AttentionBlock(channels, num_heads=heads, rngs=self.rngs, dtype=self.dtype)
 
     def stage(self, cin: int, cout: int, res: int) -> Stage:
@@ -315,12 +355,24 @@ class Encoder(nnx.Module):
     parameter paths and the initialisation order are those of the original U-Net.
     """
 
-    def _build_encoder(self, blocks: Blocks, in_channels: int, num_classes: int | None) -> list[int]:
+    def _build_encoder(
+        self,
+        blocks: Blocks,
+        in_channels: int,
+        num_classes: int | None,
+        pooled_dim: int | None = None,
+        text_encoder: dict | None = None,
+    ) -> list[int]:
         """Builds the encoder; returns the widths of the activations a decoder concatenates."""
         ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
         self.image_size = blocks.image_size
         self.in_channels = in_channels
-        self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, rngs=rngs, dtype=dtype)
+        self.text_encoder = (
+            None if text_encoder is None else _text_encoder(text_encoder, blocks.context_dim, rngs=rngs, dtype=dtype)
+        )
+        if self.text_encoder is not None:
+            pooled_dim = self.text_encoder.width  # its pooled output joins the time embedding
+        self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, pooled_dim=pooled_dim, rngs=rngs, dtype=dtype)
         self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
 
         skip_chans = [ch]  # widths of the activations the up path will concatenate
@@ -344,27 +396,44 @@ class Encoder(nnx.Module):
         return skip_chans
 
     def _encode(
-        self, x: jax.Array, t: jax.Array, cond: jax.Array | None, train: bool, rngs: nnx.Rngs | None
-    ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+        self, x: jax.Array, t: jax.Array, cond: conditioning.Cond, train: bool, rngs: nnx.Rngs | None
+    ) -> tuple[jax.Array, list[jax.Array], jax.Array, Context]:
         """x [B, H, W, C] -> (middle output [B, H/2^(L-1), W/2^(L-1), ch*ch_mult[-1]],
-        the skip activations, the embedding [B, 4ch])."""
+        the skip activations, the embedding [B, 4ch], the cross-attention context)."""
         expected = (self.image_size, self.image_size, self.in_channels)
         if x.shape[1:] != expected:
             raise ValueError(f"x: {type(self).__name__} expects [B, {', '.join(map(str, expected))}], got {x.shape}")
+        cond, context = self._resolve(cond)
         emb = self.cond(t, cond)  # [B, 4ch]
         h = self.conv_in(x)  # [B, H, W, ch]
         hs = [h]
         for level in self.down:
             for stage in level.stages:
-                h = stage(h, emb, train, rngs)
+                h = stage(h, emb, train, rngs, context)
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h, emb, train, rngs)
                 hs.append(h)
         h = self.mid_block1(h, emb, train, rngs)
-        h = self.mid_attn(h)
+        h = _attend(self.mid_attn, h, context)
         h = self.mid_block2(h, emb, train, rngs)
-        return h, hs, emb
+        return h, hs, emb, context
+
+    def _resolve(self, cond: conditioning.Cond) -> tuple[conditioning.Cond, Context]:
+        """Splits a condition into what the embedding takes (label, pooled) and the cross-attention context.
+
+        With a text encoder, `tokens`/`token_mask` are encoded here (trained jointly with the U-Net,
+        LDM §3.3): its context [B, L, width] goes to the cross-attention and its pooled output to the
+        embedding. Otherwise a given `context`/`context_mask` (e.g. saved CLIP/T5 outputs) is used as is.
+        """
+        entries = conditioning.with_masks(conditioning.as_dict(cond))
+        if "tokens" in entries:
+            if self.text_encoder is None:
+                raise ValueError("cond: tokens were given to a model built without model.text_encoder")
+            context, pooled = self.text_encoder(entries.pop("tokens"), entries["token_mask"])
+            entries.update(context=context, context_mask=entries.pop("token_mask"), pooled=pooled)
+        context = (entries.pop("context"), entries.pop("context_mask")) if "context" in entries else None
+        return entries, context
 
 
 class UNet(Encoder):
@@ -396,6 +465,15 @@ class UNet(Encoder):
         dtype: computation dtype; parameters stay float32.
         remat: recompute each stage's activations (ResBlock + attention) in the backward pass
             (`nnx.remat`): activation memory of one stage per level, at about one more forward.
+        context_dim: the width D of a token context [B, L, D] (`cond['context']`): every attention
+            block (at `attn_resolutions` and in the middle) becomes LDM's SpatialTransformer
+            (Rombach et al. 2022, §3.3: self-attention, cross-attention to the context, GEGLU).
+        transformer_depth: transformer blocks per SpatialTransformer (LDM's `transformer_depth`).
+        pooled_dim: the width of a pooled embedding `cond['pooled']` [B, D], projected and added
+            to the time embedding.
+        text_encoder: a jointly trained `models.text.TextEncoder` of `cond['tokens']`: a dict of
+            its `vocab_size`, `max_len`, `width`, `depth`, `num_heads`; its context feeds the
+            cross-attention (context_dim = width) and its pooled output the time embedding.
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
@@ -421,12 +499,19 @@ class UNet(Encoder):
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
         remat: bool = False,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
+        pooled_dim: int | None = None,
+        text_encoder: dict | None = None,
     ):
+        if text_encoder is not None:
+            context_dim = context_dim or text_encoder.get("width")
         blocks = Blocks(
             image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat,
+            use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat, context_dim=context_dim,
+            transformer_depth=transformer_depth,
         )
-        skip_chans = self._build_encoder(blocks, in_channels, num_classes)
+        skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder)
 
         cur = ch * blocks.ch_mult[-1]
         up = []
@@ -456,17 +541,19 @@ class UNet(Encoder):
         Args:
             x: [B, H, W, C] noisy images, H = W = image_size, C = in_channels.
             t: [B] timesteps (int indices or continuous times), embedded as given.
-            cond: [B] int class labels, num_classes for the null label; None = all null.
+            cond: the condition (`diffusion_jax.conditioning`): [B] int class labels (num_classes is
+                the null label), or a dict of 'label', 'tokens'/'token_mask', 'context'/'context_mask',
+                'pooled'; a missing entry (or None) is the null condition.
             train: enables dropout, whose keys come from `rngs` ('dropout' stream).
             rngs: e.g. `nnx.Rngs(dropout=key)`; may be None when not training.
 
         Returns:
             [B, H, W, C], or [B, H, W, 2C] with learn_sigma (mean output, then variance output).
         """
-        h, hs, emb = self._encode(x, t, cond, train, rngs)
+        h, hs, emb, context = self._encode(x, t, cond, train, rngs)
         for level in self.up:
             for stage in level.stages:
-                h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs)
+                h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs, context)
             if level.resample is not None:
                 h = level.resample(h, emb, train, rngs)
         h = self.conv_out(nnx.silu(self.norm_out(h)))  # [B, H, W, C or 2C]

@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import distributed, guidance
+from diffusion_jax import conditioning, distributed, guidance
+from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.loading import load
 from diffusion_jax.schedules import Schedule
@@ -108,9 +109,10 @@ def make_sample_fn(
     batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
     guidance_scale = config.sample.get("guidance_scale")
-    if guidance_scale is not None and num_classes is None:
-        raise ConfigError("sample.guidance_scale: classifier-free guidance needs a class-conditional model "
-                          "(set model.num_classes)")
+    text = config.model.get("text_encoder") is not None
+    if guidance_scale is not None and num_classes is None and not text:
+        raise ConfigError("sample.guidance_scale: classifier-free guidance needs a conditional model "
+                          "(set model.num_classes or model.text_encoder)")
     classifier = load_classifier(config, example_shape, sharding)
     if classifier is not None and num_classes is not None and classifier.num_classes != num_classes:
         raise ConfigError(
@@ -123,7 +125,14 @@ def make_sample_fn(
     if guided_channels is None and learn_sigma and options.get("variance") == "learned_range":
         guided_channels = example_shape[-1]
     labels = None if label_classes is None else jnp.asarray(sample_labels(batch_size, label_classes, batch_size))
-    model_labels = labels if num_classes is not None else None  # what the diffusion model is given
+    model_cond = labels if num_classes is not None else None  # what the diffusion model is given
+    if text:
+        tokens, token_mask = captions.vocabulary().encode(
+            sample_prompts(config.sample.get("prompts"), batch_size), captions.max_caption_length()
+        )
+        model_cond = {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(token_mask)} | (
+            {} if model_cond is None else {"label": model_cond}
+        )
 
     def sample(
         params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
@@ -132,17 +141,17 @@ def make_sample_fn(
         x_T = jax.random.normal(noise_key, (batch_size, *example_shape), jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
 
-        def network(x_t: jax.Array, t: jax.Array, cond: jax.Array | None) -> jax.Array:
+        def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
             return output(model_apply(graphdef, params, x_t, t, cond))
 
         if guidance_scale is not None and guidance_scale != 1.0:
             model_fn = guidance.classifier_free(
-                network, model_labels, num_classes, guidance_scale - 1.0, channels=guided_channels
+                network, model_cond, num_classes, guidance_scale - 1.0, channels=guided_channels
             )
         else:
 
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return network(x_t, t, model_labels)
+                return network(x_t, t, model_cond)
 
         sampler_options = options
         if classifier is not None:
@@ -170,6 +179,16 @@ def make_sample_fn(
 def sample_labels(batch_size: int, num_classes: int, num_samples: int) -> np.ndarray:
     """The class labels that `generate` draws its samples for: 0, 1, 2, ... cycling within each batch."""
     return np.tile(np.arange(batch_size, dtype=np.int32) % num_classes, -(-num_samples // batch_size))[:num_samples]
+
+
+def sample_prompts(prompts: tuple[str, ...] | None, batch_size: int) -> list[str]:
+    """The captions a text-conditional model samples a batch for: `sample.prompts` cycled, or by default
+    digits captions (`data.captions`) cycling the digit 0-9 and, each row of ten, one of thick, thin,
+    leaning right, leaning left or nothing more, so a grid shows both what was asked and what was drawn."""
+    if not prompts:
+        levels = [(1, 0), (-1, 0), (0, 1), (0, -1), (0, 0)]
+        prompts = [captions.caption(i % 10, levels[(i // 10) % len(levels)], 0) for i in range(batch_size)]
+    return [prompts[i % len(prompts)] for i in range(batch_size)]
 
 
 def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> tuple[np.ndarray, int]:

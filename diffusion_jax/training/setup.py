@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from diffusion_jax import diffusion, models, samplers, schedules, vlb
+from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
@@ -22,8 +23,14 @@ def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
 
 
 def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> dict:
-    """Constructor arguments: `config.model` (less `name`) plus the data's shape."""
+    """Constructor arguments: `config.model` (less `name`) plus the data's shape; a `model.text_encoder`
+    over digits captions (`data.captions`) gets the captions' vocabulary size and length."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    if kwargs.get("text_encoder") is not None:
+        text_encoder = dict(kwargs["text_encoder"])
+        if config.data.get("captions"):
+            text_encoder.update(vocab_size=captions.vocabulary().size, max_len=captions.max_caption_length())
+        kwargs["text_encoder"] = text_encoder
     if len(example_shape) == 3:  # [H, W, C] images
         height, width, channels = example_shape
         if height != width:

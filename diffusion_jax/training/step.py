@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import classifier_loss, diffusion, guidance, vlb
+from diffusion_jax import classifier_loss, conditioning, diffusion, vlb
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply
 from diffusion_jax.training.state import TrainState, update_emas
@@ -31,8 +31,10 @@ def make_train_step(
     'importance'` drawing t from the state's `timestep_history`, which the step then updates), or with
     `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
     images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`).
-    A class-conditional model (`model.num_classes`) sees the null label in place of each label with
-    probability `training.label_dropout` (classifier-free guidance's joint training). Under
+    The network's condition (`batch_condition`) is the batch's labels for a class-conditional model
+    (`model.num_classes`), and its token or context entries (`diffusion_jax.conditioning`) when it has
+    them; a conditional model sees the whole null condition instead with probability
+    `training.label_dropout` (classifier-free guidance's joint training; `conditioning.drop`). Under
     `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce (or, with
     FSDP-sharded parameters, the all-gathers and reduce-scatters), so the same step runs on every
     mesh (no shard_map, hence none of its pmean-after-grad trap, shared/notes/stack-2026-11.md).
@@ -40,8 +42,10 @@ def make_train_step(
     are averaged in a `lax.scan` (activation memory of one microbatch; one optimiser update).
     """
     classify = config.training.get("objective", "denoise") == "classify"
-    class_conditional = config.model.get("num_classes") is not None and not classify
-    label_dropout = config.training.get("label_dropout", 0.0) if class_conditional else 0.0
+    class_conditional = config.model.get("num_classes") is not None
+    conditional = (class_conditional or _uses_text(config)) and not classify
+    cond_dropout = config.training.get("label_dropout", 0.0) if conditional else 0.0
+    null_label = config.model.get("num_classes")  # the null label's index
     decays = tuple(config.training.ema_decays)
     accum_steps = config.training.get("grad_accum_steps", 1)
     loss_name = config.diffusion.get("loss", "simple")
@@ -52,7 +56,7 @@ def make_train_step(
         history: vlb.TimestepHistory | None,
         images: jax.Array,
         labels: jax.Array,
-        cond: jax.Array | None,
+        cond: conditioning.Cond,
         key: jax.Array,
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
         """((loss, aux), d loss / d params) of one (micro)batch; `key` draws its t, noise and dropout."""
@@ -87,9 +91,9 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         step_key = jax.random.fold_in(state.key, state.step)
         images, labels = batch["image"], batch["label"]
-        cond = labels if class_conditional else None
-        if label_dropout > 0:  # classifier-free guidance's unconditional model: the null label num_classes
-            cond = guidance.drop_labels(jax.random.fold_in(step_key, 1), cond, label_dropout, config.model.num_classes)
+        cond = batch_condition(batch, class_conditional and not classify)
+        if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
+            cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
         grads_fn = functools.partial(loss_and_grads, state.params, state.timestep_history)
         if accum_steps == 1:
             (loss, aux), grads = grads_fn(images, labels, cond, step_key)
@@ -126,11 +130,25 @@ def make_train_step(
     return train_step
 
 
+def _uses_text(config: ml_collections.ConfigDict) -> bool:
+    return config.model.get("context_dim") is not None or config.model.get("text_encoder") is not None
+
+
+def batch_condition(batch: Batch, class_conditional: bool) -> conditioning.Cond:
+    """The network's condition from a batch: its labels (if `class_conditional`) and whichever of the
+    token, context and pooled entries of `conditioning.KEYS` it holds. Labels alone stay a bare [B]
+    array (`conditioning`'s shorthand), so a class-conditional run's condition is what it always was."""
+    cond = {k: batch[k] for k in conditioning.KEYS if k != "label" and k in batch}
+    if not cond:
+        return batch["label"] if class_conditional else None
+    return cond | ({"label": batch["label"]} if class_conditional else {})
+
+
 def _accumulate(
     grads_fn: Callable, params: nnx.State, batch: tuple, key: jax.Array, k: int
 ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
     """The mean loss, aux and gradients of `grads_fn(*microbatch, key_i)` over k microbatches of `batch`
-    (a tuple of arrays [B, ...] or None).
+    (a tuple of arrays [B, ...], dicts of them, or None).
 
     Microbatch i holds rows i, i + k, i + 2k, ...: a [B/k, k] reshape then a transpose, so each
     microbatch is spread over all the devices that the batch is (a [k, B/k] reshape would put
@@ -138,15 +156,15 @@ def _accumulate(
     fold_in(key, i). Per-example aux arrays come back in the batch's order.
     """
 
-    def split(x: jax.Array | None) -> jax.Array | None:
-        return None if x is None else x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
     def body(grad_sum: nnx.State, xs: tuple) -> tuple[nnx.State, tuple]:
         i, micro = xs
         (loss, aux), grads = grads_fn(*micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
-    micro = tuple(split(x) for x in batch)
+    micro = jax.tree.map(split, batch)  # conditions may be None, an array or a dict
     zeros = jax.tree.map(jnp.zeros_like, params)  # the gradients have the parameters' tree and dtypes
     grad_sum, (losses, aux) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
     merged = jax.tree.map(lambda a: a.mean(0) if a.ndim == 1 else a.swapaxes(0, 1).reshape(-1, *a.shape[2:]), aux)
