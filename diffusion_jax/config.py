@@ -38,6 +38,12 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (microbatches whose gradients make one update; `batch_size` stays the global batch), `peak_flops` (FLOP/s
   of one device, for the model-FLOPs utilisation in the logs; None: measured with a matmul at start; 0: off),
   `compilation_cache_dir` (JAX's persistent compilation cache, shared by runs; None: off).
+- `latent` (`diffusion_jax.latent`): `autoencoder_workdir` (a `training.objective='autoencode'` run: the
+  model is trained and sampled on s * z, z ~ q(z|x) of its frozen autoencoder; None: pixel space),
+  `scale_factor` s (None: LDM's 1/std of the first batch's latents, then stored with the run),
+  `sample_posterior`.
+- `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
+  `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
   sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and
   the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
@@ -139,6 +145,12 @@ def base_config() -> ml_collections.ConfigDict:
             peak_flops=placeholder(float),
             compilation_cache_dir="~/.cache/diffusion_jax/jax_cache",
         )
+    )
+    config.latent = ml_collections.ConfigDict(
+        dict(autoencoder_workdir=placeholder(str), scale_factor=placeholder(float), sample_posterior=True)
+    )
+    config.autoencode = ml_collections.ConfigDict(
+        dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")
     )
     config.sample = ml_collections.ConfigDict(
         dict(

@@ -36,12 +36,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffusion_jax import data, distributed, likelihood, sde, vlb
+from diffusion_jax import data, distributed, latent, likelihood, sde, vlb
+from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import stats
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer
-from diffusion_jax.training.sampling import generate, sample_labels, to_uint8
+from diffusion_jax.training.sampling import generate, sample_labels, sample_prompts, to_uint8
 from diffusion_jax.training.setup import model_apply, network_output_fn, sampler_from_config
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.writer import MetricWriter
@@ -290,7 +291,14 @@ class Evaluator:
                 "reference": f"digits/train ({evaluator.reference.num} images, shipped with the classifier)",
                 "is_splits": 1,
             }
-            if self.num_classes is not None:
+            if self.config.model.get("text_encoder") is not None:  # captions: their digit and their properties
+                labels, requested = prompt_targets(self.config.sample.get("prompts"), self.config.sample.batch_size, n)
+                scalars["digits_accuracy"] = evaluator.class_accuracy(images, labels)
+                followed = captions.follows_levels(images, labels, requested)
+                scalars |= {f"{name}_{k}": v for name, report in followed.items() for k, v in report.items()}
+                protocol["digits"]["captions"] = "sample.prompts" if self.config.sample.get("prompts") else (
+                    "digits captions cycling 0-9 and thick / thin / leaning right / leaning left / nothing more")
+            elif self.num_classes is not None:
                 labels = sample_labels(self.config.sample.batch_size, self.num_classes, n)
                 scalars["digits_accuracy"] = evaluator.class_accuracy(images, labels)
         return scalars, protocol
@@ -353,6 +361,21 @@ class Evaluator:
         return {"step": step, "metrics": scalars, "protocol": protocol}
 
 
+def prompt_targets(prompts: tuple[str, ...] | None, batch_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The digit [n] and property levels [n, P] (-1/0/+1) that the captions of `n` samples asked for
+    (`sampling.sample_prompts`, batch after batch; read back with `captions.parse_caption`)."""
+    parsed = [captions.parse_caption(p) for p in sample_prompts(prompts, batch_size)]
+    if any(label is None for label, _ in parsed):
+        raise ConfigError("sample.prompts: the digits metric needs prompts that name a digit")
+    labels = np.array([label for label, _ in parsed], np.int32)
+    requested = np.array(
+        [[{captions.LEVELS[p][0]: -1, captions.LEVELS[p][1]: 1}.get(found.get(p), 0) for p in captions.PROPERTIES]
+         for _, found in parsed], np.int8,
+    )
+    reps = -(-n // batch_size)
+    return np.tile(labels, reps)[:n], np.tile(requested, (reps, 1))[:n]
+
+
 def write_results(workdir: str | Path, results: dict[str, Any], writer: MetricWriter) -> Path:
     """`<workdir>/eval/eval_<step>.json` and the `eval/<name>` scalars in metrics.jsonl / TensorBoard."""
     step = results["step"]
@@ -369,6 +392,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
 
     A workdir without that checkpoint is a ConfigError naming the field.
     """
+    latent.adopt_saved_scale_factor(config, workdir)  # a latent run's, as training computed it
     exp = experiment.build(config)
     evaluator = Evaluator(config, exp, workdir)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")

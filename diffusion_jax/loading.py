@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import data
+from diffusion_jax import data, latent
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.checkpoint import Checkpointer
@@ -37,7 +37,8 @@ class LoadedModel(NamedTuple):
     graphdef: nnx.GraphDef
     params: nnx.State  # the EMA `ema_decay` names (by default the config's `sample.ema_decay`), or the raw params
     schedule: Schedule  # the training schedule of `config.diffusion`
-    example_shape: tuple[int, ...]  # one example: [H, W, C] images or [D] vectors
+    example_shape: tuple[int, ...]  # one example: [H, W, C] images (latents of a latent run) or [D] vectors
+    first_stage: latent.FirstStage | None = None  # a latent run's frozen autoencoder: `first_stage.decode(x0)`
 
     def apply(self, x: jax.Array, t: jax.Array, cond: Any = None) -> jax.Array:
         """The network's output for inputs x [B, *example_shape] at times t [B] with conditioning `cond`."""
@@ -81,6 +82,9 @@ def load(
                 continue
             config = ml_collections.ConfigDict(saved)
             example_shape = tuple(data.example_shape(config.data))
+            first_stage = latent.load_first_stage(config, example_shape, sharding)  # a latent run's autoencoder
+            if first_stage is not None:
+                example_shape = first_stage.latent_shape
             graphdef, init_params = build_model(config, example_shape)
             index = _ema_index(config, ema_decay, field)
             target = jax.tree.map(
@@ -96,7 +100,7 @@ def load(
                 failures.append(f"step {candidate}: {type(e).__name__}")
                 continue
             params = restored["params"] if index is None else restored["ema_params"][index]
-            return LoadedModel(config, candidate, graphdef, params, build_schedule(config), example_shape)
+            return LoadedModel(config, candidate, graphdef, params, build_schedule(config), example_shape, first_stage)
     finally:
         checkpointer.close()
     detail = f" ({'; '.join(failures)})" if failures else ""

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from diffusion_jax import latent
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.sampling import generate, save_samples
@@ -17,6 +18,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
     Writes `<workdir>/samples/samples_<step>.png` and `.npz`; returns their paths.
     A workdir with no checkpoint is a `ConfigError` naming --workdir.
     """
+    latent.adopt_saved_scale_factor(config, workdir)  # a latent run's, as training computed it
     exp = experiment.build(config)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     state = checkpointer.restore(exp.abstract_state)

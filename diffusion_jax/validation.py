@@ -112,7 +112,13 @@ RULES: tuple[Rule, ...] = (
     Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
     Rule("training.on_checkpoint_error", lambda v: v in ("retry", "stop"), "'retry' or 'stop'", optional=True),
     Rule("training.lock_stale_after_s", _real(0.0, open_low=True), "a float > 0 (seconds)", optional=True),
-    Rule("training.objective", lambda v: v in ("denoise", "classify"), "'denoise' or 'classify'", optional=True),
+    Rule("training.objective", lambda v: v in ("denoise", "classify", "autoencode"), "'denoise', 'classify' or "
+         "'autoencode'", optional=True),
+    Rule("autoencode.kl_weight", _real(0.0), "a float >= 0", optional=True),
+    Rule("autoencode.disc_start", _int(0), "an int >= 0", optional=True),
+    Rule("autoencode.disc_weight", _real(0.0), "a float >= 0", optional=True),
+    Rule("autoencode.rec_kind", lambda v: v in ("l1", "l2"), "'l1' or 'l2'", optional=True),
+    Rule("autoencode.pixel_reduction", lambda v: v in ("sum", "mean"), "'sum' or 'mean'", optional=True),
     Rule("training.label_dropout", _UNIT, "a float in [0, 1)", optional=True),
     Rule("sample.guidance_channels", _optional(_int(1)), "None (all) or an int >= 1", optional=True),
     Rule("sample.steps", _optional(_int(1)), "None (the sampler's default) or an int >= 1"),
@@ -224,6 +230,12 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
     if not classify and name == "classifier":
         raise ConfigError(
             "model.name: 'classifier' outputs class logits, not a denoiser; set training.objective='classify'"
+        )
+    autoencode = _get(config, "training.objective") == "autoencode"
+    if autoencode != (name == "autoencoder_kl"):
+        raise ConfigError(
+            "training.objective: 'autoencode' trains LDM's first stage, model.name='autoencoder_kl' (got "
+            f"objective {_get(config, 'training.objective')!r} with model.name={name!r})"
         )
     if classify and not (_is_int(num_classes) and num_classes >= 2):
         raise ConfigError(f"model.num_classes: got {num_classes!r}; training.objective='classify' needs an int >= 2")

@@ -11,7 +11,7 @@ from diffusion_jax.training.setup import build_model, build_schedule, check_conf
 
 
 @pytest.mark.parametrize(
-    "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll"]
+    "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll", "ae_digits"]
 )
 def test_config_builds_abstractly(name):
     config = load_config(name)
@@ -20,6 +20,15 @@ def test_config_builds_abstractly(name):
     graphdef, _ = build_model(config, shape)  # constructor checks, nothing allocated
     check_config(config, schedule, shape)
     assert graphdef is not None
+
+
+def test_ldm_digits_builds_on_the_latents_of_ae_digits():
+    config, first_stage = load_config("ldm_digits"), load_config("ae_digits")
+    f = 2 ** (len(first_stage.model.block_out_channels) - 1)
+    latent_shape = (config.data.image_size // f, config.data.image_size // f, first_stage.model.latent_channels)
+    assert latent_shape == (4, 4, 4) and config.latent.autoencoder_workdir == "runs/ae_digits"
+    build_model(config, latent_shape)
+    check_config(config, build_schedule(config), latent_shape)
 
 
 def test_ddpm_cifar_is_ho_et_al():

@@ -15,11 +15,13 @@ from flax import nnx
 from diffusion_jax.models import dit, layers
 from diffusion_jax.models.classifier import EncoderUNet
 from diffusion_jax.models.dit import DiT
+from diffusion_jax.models.first_stage import FirstStage
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.registry import Registry
 
 MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", "model.name")
+MODELS.register("autoencoder_kl")(FirstStage)  # training.objective='autoencode'
 MODELS.register("classifier")(EncoderUNet)
 MODELS.register("dit")(DiT)
 for _name in dit.VARIANTS:  # 'DiT-S/2' ... 'DiT-XL/8', the paper's Table 4
@@ -50,4 +52,6 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-__all__ = ["MLP", "MODELS", "DiT", "EncoderUNet", "UNet", "count_params", "create", "dit", "layers", "names"]
+__all__ = [
+    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "UNet", "count_params", "create", "dit", "layers", "names",
+]

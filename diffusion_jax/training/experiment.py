@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import data, vlb
+from diffusion_jax import data, latent, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.schedules import Schedule
@@ -23,6 +23,7 @@ from diffusion_jax.validation import validate_config
 
 
 class Experiment(NamedTuple):
+    config: ml_collections.ConfigDict
     schedule: Schedule
     example_shape: tuple[int, ...]
     graphdef: nnx.GraphDef
@@ -34,8 +35,9 @@ class Experiment(NamedTuple):
     mesh: Mesh
     replicated: NamedSharding
     batch_sharding: NamedSharding  # batches split over ('data', 'fsdp')
-    sample_fn: SampleFn
+    sample_fn: SampleFn  # decodes to pixels in a latent run (`with_scale_factor`)
     root_key: jax.Array
+    first_stage: latent.FirstStage | None = None  # the frozen autoencoder of a latent diffusion run
 
 
 def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Experiment:
@@ -51,7 +53,9 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     validate_config(config, mesh_lib.batch_shards(mesh), jax.process_count())
     ema_index(config)
     schedule = build_schedule(config)
-    example_shape = data.example_shape(config.data)
+    image_shape = data.example_shape(config.data)
+    first_stage = latent.load_first_stage(config, image_shape, mesh_lib.replicated(mesh))  # None: pixel space
+    example_shape = image_shape if first_stage is None else first_stage.latent_shape
     root_key = jax.random.key(config.seed)
     graphdef, init_params = build_model(config, example_shape)
     check_config(config, schedule, example_shape)
@@ -67,7 +71,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     abstract = jax.eval_shape(create_state)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
-    return Experiment(
+    exp = Experiment(
+        config=config,
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
@@ -83,7 +88,18 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         batch_sharding=batch_sharding,
         sample_fn=make_sample_fn(graphdef, schedule, config, example_shape, batch_sharding),
         root_key=root_key,
+        first_stage=first_stage,
     )
+    if first_stage is not None and first_stage.scale_factor is not None:
+        exp = with_scale_factor(exp, first_stage.scale_factor)
+    return exp
+
+
+def with_scale_factor(exp: Experiment, scale_factor: float) -> Experiment:
+    """A latent run's experiment once its scale factor is known: samples decoded to pixels."""
+    first_stage = exp.first_stage._replace(scale_factor=scale_factor)
+    raw = make_sample_fn(exp.graphdef, exp.schedule, exp.config, exp.example_shape, exp.batch_sharding)
+    return exp._replace(first_stage=first_stage, sample_fn=latent.decoding(raw, first_stage))
 
 
 def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callable:

@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import data
+from diffusion_jax import data, latent
 from diffusion_jax.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from diffusion_jax.evaluate import Evaluator, write_results
 from diffusion_jax.training import experiment, run_config, throughput
@@ -107,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, allow_confi
                 state = exp.init_state()
             else:
                 logging.info("Resumed from step %d of %s", int(state.step), checkpointer.directory)
+            exp = _latent_scale(config, exp)
             if jax.process_index() == 0:
                 run_config.write_config_file(workdir, config)
             return _run(config, workdir, exp, state, checkpointer, writer, evaluator, lock)
@@ -134,6 +135,25 @@ def _lock_on_process_0(lock: WorkdirLock) -> None:
         raise error
 
 
+def _latent_scale(config: ml_collections.ConfigDict, exp: experiment.Experiment) -> experiment.Experiment:
+    """A latent run's scale factor: the config's (or, on resume, the checkpoint's: `_check_resume`), else
+    LDM's 1 / std of the first training batch's latents, written into the config so that config.json and
+    every checkpoint keep it."""
+    if exp.first_stage is None:
+        return exp
+    if exp.first_stage.scale_factor is not None:
+        return exp
+    if config.latent.scale_factor is None:
+        first = next(data.create_iterator(config.data, global_batch_size=config.training.batch_size,
+                                          seed=config.seed, start_step=0, sharding=exp.batch_sharding))
+        config.latent.scale_factor = latent.scale_factor_from_batch(
+            exp.first_stage, first["image"], jax.random.fold_in(exp.root_key, 4)
+        )
+        logging.info("Latent scale factor 1/std(z) of the first batch: %.5f (stored as latent.scale_factor)",
+                     config.latent.scale_factor)
+    return experiment.with_scale_factor(exp, config.latent.scale_factor)
+
+
 def _check_resume(
     config: ml_collections.ConfigDict, workdir: Path, checkpointer: Checkpointer, allow_change: bool
 ) -> None:
@@ -142,6 +162,9 @@ def _check_resume(
         saved = checkpointer.saved_config(step)
         if saved is None:
             continue
+        saved_scale = (saved.get("latent") or {}).get("scale_factor")
+        if config.get("latent") is not None and config.latent.get("scale_factor") is None and saved_scale:
+            config.latent.scale_factor = saved_scale  # computed from the data when the run started
         changes = run_config.diff(saved, run_config.as_json(config))
         run_config.check_resume(changes, step, allow_change)
         if jax.process_index() == 0:
@@ -204,6 +227,9 @@ def _run(
         config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
         sharding=exp.batch_sharding,
     )
+    if exp.first_stage is not None:  # latent diffusion: the denoiser trains on s * z, z ~ q(z|x)
+        batches = latent.encode_batches(exp.first_stage, batches, jax.random.fold_in(exp.root_key, 5), start_step,
+                                        config.latent.get("sample_posterior", True))
     first_batch = next(batches)
     train_step, compile_seconds, step_flops = throughput.compile_step(
         experiment.jit_train_step(exp, config), state, first_batch
@@ -221,7 +247,10 @@ def _run(
     metrics = _Metrics(training.on_nonfinite)
     sample_key = jax.random.fold_in(exp.root_key, 2)
     classify = training.get("objective", "denoise") == "classify"  # a classifier has no samples to draw
-    shown = ("loss", "accuracy", "grad_norm", "mfu") if classify else ("loss", "grad_norm", "images_per_sec", "mfu")
+    shown = {
+        "classify": ("loss", "accuracy", "grad_norm", "mfu"),
+        "autoencode": ("loss", "rec", "kl", "d_loss", "psnr", "images_per_sec"),
+    }.get(training.get("objective"), ("loss", "grad_norm", "images_per_sec", "mfu"))
     last_saved = checkpointer.latest_step()
     started = time.perf_counter()
 

@@ -26,7 +26,7 @@ CONFIG_FILE = "config.json"
 # Fields (or whole sections) whose change makes the checkpoint's state mean something else.
 PROTECTED = (
     "model", "diffusion", "training.objective", "training.ema_decays", "optim.name", "data.name",
-    "data.image_size",
+    "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor",
 )
 
 Changes = dict[str, tuple[Any, Any]]  # dotted field -> (checkpoint's value, this run's value)
@@ -49,12 +49,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff(saved: dict, current: dict) -> Changes:
-    """The fields whose values differ between two JSON configs, as (saved, current)."""
+    """The fields whose values differ between two JSON configs, as (saved, current); a field one side lacks and
+    the other leaves None (a field newer than the checkpoint) is no difference."""
     old, new = _flatten(saved), _flatten(current)
+    unset = (_MISSING, None)  # a field added to the codebase since the checkpoint, left unset: no change
     return {
         key: (old.get(key, _MISSING), new.get(key, _MISSING))
         for key in sorted(old.keys() | new.keys())
         if old.get(key, _MISSING) != new.get(key, _MISSING)
+        and not {old.get(key, _MISSING), new.get(key, _MISSING)} <= set(unset)
     }
 
 

@@ -79,6 +79,23 @@ def _no_samples(params: nnx.State, key: jax.Array) -> jax.Array:
     )
 
 
+def _reconstruction_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, sharding: NamedSharding) -> SampleFn:
+    """A first-stage run's "samples": held-out images next to their reconstructions through the posterior
+    mean, [x_1, D(E(x_1)), x_2, D(E(x_2)), ...] ([sample.batch_size] in all; the test split's first images)."""
+    from diffusion_jax.data import load_split  # the data pipeline, only for this run kind
+
+    half = config.sample.batch_size // 2
+    images, _ = load_split(config.data, "test")
+    held_out = jnp.asarray(images[:half].astype(np.float32) / 127.5 - 1.0)  # [B/2, H, W, C]
+
+    def reconstruct(params: nnx.State, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x_rec, _ = nnx.merge(graphdef, params).autoencoder(held_out, sample_posterior=False)
+        pairs = jnp.stack([held_out, jnp.clip(x_rec, -1.0, 1.0)], axis=1).reshape(2 * half, *held_out.shape[1:])
+        return pairs, jnp.ones((), jnp.int32)
+
+    return jax.jit(reconstruct, out_shardings=(mesh_lib.replicated(sharding.mesh), mesh_lib.replicated(sharding.mesh)))
+
+
 def make_sample_fn(
     graphdef: nnx.GraphDef,
     schedule: Schedule,
@@ -103,6 +120,8 @@ def make_sample_fn(
     """
     if config.training.get("objective", "denoise") == "classify":
         return _no_samples
+    if config.training.get("objective", "denoise") == "autoencode":
+        return _reconstruction_fn(graphdef, config, sharding)
     learn_sigma = bool(config.model.get("learn_sigma"))
     sampler, options = sampler_from_config(config.sample, learn_sigma)
     output = network_output_fn(learn_sigma, options)

@@ -9,7 +9,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import classifier_loss, conditioning, diffusion, vlb
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, vlb
+from diffusion_jax.metrics import image_quality
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training.setup import model_apply
 from diffusion_jax.training.state import TrainState, update_emas
@@ -42,6 +43,8 @@ def make_train_step(
     are averaged in a `lax.scan` (activation memory of one microbatch; one optimiser update).
     """
     classify = config.training.get("objective", "denoise") == "classify"
+    autoencode = config.training.get("objective", "denoise") == "autoencode"
+    first_stage_options = dict(config.get("autoencode", {}))
     class_conditional = config.model.get("num_classes") is not None
     conditional = (class_conditional or _uses_text(config)) and not classify
     cond_dropout = config.training.get("label_dropout", 0.0) if conditional else 0.0
@@ -54,6 +57,7 @@ def make_train_step(
     def loss_and_grads(
         params: nnx.State,
         history: vlb.TimestepHistory | None,
+        step: jax.Array,
         images: jax.Array,
         labels: jax.Array,
         cond: conditioning.Cond,
@@ -63,6 +67,9 @@ def make_train_step(
         loss_key, dropout_key = jax.random.split(key)
 
         def loss_fn(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+            if autoencode:  # LDM's first stage: the autoencoder's and the discriminator's losses
+                return first_stage_loss(graphdef, params, images, loss_key, step, first_stage_options)
+
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return model_apply(graphdef, params, x_t, t, cond, train=True, dropout_key=dropout_key)
 
@@ -94,7 +101,7 @@ def make_train_step(
         cond = batch_condition(batch, class_conditional and not classify)
         if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
-        grads_fn = functools.partial(loss_and_grads, state.params, state.timestep_history)
+        grads_fn = functools.partial(loss_and_grads, state.params, state.timestep_history, state.step)
         if accum_steps == 1:
             (loss, aux), grads = grads_fn(images, labels, cond, step_key)
         else:
@@ -123,11 +130,51 @@ def make_train_step(
         }
         if classify:
             metrics["accuracy"] = aux["accuracy"]
+        if autoencode:
+            metrics |= {k: aux[k] for k in FIRST_STAGE_METRICS}
         if "vlb" in aux:  # one-sample L_t, bits/dim: its mean over t is L_vlb / T less the prior
             metrics["vlb_term"] = jnp.mean(aux["vlb"])
         return new_state, metrics
 
     return train_step
+
+
+FIRST_STAGE_METRICS = ("rec", "kl", "g_adv", "d_weight", "d_loss", "psnr")
+
+
+def first_stage_loss(
+    graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array, key: jax.Array, step: jax.Array, options: dict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LDM's first-stage objective (Appendix G) on a `models.FirstStage`: the autoencoder's loss
+    L_rec + kl_weight L_KL + disc_factor d_weight L_adv (`autoencoder_loss.autoencoder_loss`) plus the
+    patch discriminator's hinge loss (`autoencoder_loss.discriminator_loss`) on a fresh reconstruction.
+
+    The two are summed with stop-gradients across (the discriminator is a constant in the first, the
+    reconstruction in the second), so one gradient of the sum is each loss's gradient in its own
+    parameters. `options` are `config.autoencode`: kl_weight, disc_start, disc_weight, rec_kind,
+    pixel_reduction.
+    """
+    model = nnx.merge(graphdef, params)
+    ae_graphdef, ae_params = nnx.split(model.autoencoder)
+    gen_key, disc_key = jax.random.split(key)
+    discriminator = None
+    if model.discriminator is not None:
+        disc_graphdef, disc_params = nnx.split(model.discriminator)
+        discriminator = (disc_graphdef, jax.lax.stop_gradient(disc_params))
+    loss, aux = autoencoder_loss.autoencoder_loss(
+        ae_params, ae_graphdef, images, gen_key, discriminator, step,
+        **{k: options[k] for k in ("kl_weight", "disc_start", "disc_weight", "rec_kind", "pixel_reduction")
+           if k in options},
+    )
+    x_rec, _ = autoencoder_loss.reconstruct(jax.lax.stop_gradient(ae_params), ae_graphdef, images, disc_key)
+    aux["psnr"] = jnp.mean(image_quality.psnr(images, jnp.clip(x_rec, -1.0, 1.0)))
+    aux["d_loss"] = jnp.zeros(())
+    if model.discriminator is not None:
+        d_loss, d_aux = autoencoder_loss.discriminator_loss(
+            disc_params, disc_graphdef, images, x_rec, step, disc_start=options.get("disc_start", 0)
+        )
+        loss, aux["d_loss"] = loss + d_loss, d_aux["d_loss"]
+    return loss, aux
 
 
 def _uses_text(config: ml_collections.ConfigDict) -> bool:

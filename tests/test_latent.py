@@ -1,0 +1,102 @@
+"""LDM's two stages end to end at toy size: a first-stage run (autoencoder + patch GAN), then a latent
+diffusion run on its frozen latents with text cross-attention; and the one-line errors of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+import diffusion_jax as dj
+from diffusion_jax import latent
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.sample import sample
+from diffusion_jax.training import experiment
+from diffusion_jax.training.loop import train
+
+
+def first_stage_config(data_dir: str):
+    config = tiny_digits_config(data_dir)  # 8x8 digits
+    config.model = type(config.model)(dict(
+        name="autoencoder_kl", block_out_channels=(8, 16), layers_per_block=1, latent_channels=2,
+        norm_num_groups=32, mid_attention=True, disc_layers=1, disc_ndf=8,
+    ))
+    config.training.update(objective="autoencode", num_steps=3, checkpoint_every=3, sample_every=3, log_every=1)
+    config.autoencode.update(disc_start=2)  # the GAN from the second step on
+    config.sample.update(ema_decay=None, num_samples=8, batch_size=8)
+    return config
+
+
+@pytest.fixture(scope="module")
+def first_stage_run(tmp_path_factory, digits_data_dir):
+    workdir = tmp_path_factory.mktemp("ae")
+    state = train(first_stage_config(digits_data_dir), workdir)
+    return workdir, state
+
+
+def test_a_first_stage_run_trains_both_players_and_writes_reconstructions(first_stage_run):
+    workdir, state = first_stage_run
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in m if k in ("rec", "kl", "d_loss", "psnr", "g_adv")) for m in logged][0] == [
+        "d_loss", "g_adv", "kl", "psnr", "rec"]
+    assert all(np.isfinite(m["loss"]) and m["psnr"] > 0 for m in logged)
+    assert logged[0]["d_loss"] > 0 and "discriminator" in state.params  # one state holds both players
+    pairs = np.load(workdir / "samples" / "samples_3.npz")["arr_0"]  # held-out digits beside reconstructions
+    assert pairs.shape == (8, 8, 8, 1)
+    assert not np.array_equal(pairs[0], pairs[1])  # an untrained reconstruction differs from its input
+
+
+def latent_config(data_dir: str, ae_workdir):
+    config = tiny_digits_config(data_dir)
+    config.latent.autoencoder_workdir = str(ae_workdir)
+    config.data.captions = True
+    config.model.update(attn_resolutions=(2,), text_encoder=dict(width=16, depth=1, num_heads=2))
+    config.training.update(num_steps=2, checkpoint_every=2, sample_every=2, label_dropout=0.1)
+    config.sample.update(guidance_scale=2.0, steps=2)
+    return config
+
+
+def test_latent_diffusion_trains_on_scaled_latents_and_samples_pixels(first_stage_run, digits_data_dir, tmp_path):
+    ae_workdir, _ = first_stage_run
+    config = latent_config(digits_data_dir, ae_workdir)
+    exp = experiment.build(config)
+    assert exp.example_shape == (4, 4, 2)  # 8x8x1 digits -> f = 2 latents of 2 channels
+    train(config, tmp_path)
+    scale = json.loads((tmp_path / "config.json").read_text())["latent"]["scale_factor"]
+    assert scale > 0  # LDM's 1 / std(z) of the first batch, stored with the run
+    model = dj.load(tmp_path)
+    assert model.config.latent.scale_factor == scale and model.example_shape == (4, 4, 2)
+    assert np.load(tmp_path / "samples" / "samples_2.npz")["arr_0"].shape == (8, 8, 8, 1)  # decoded pixels
+
+    # Sample mode and resumes read the scale factor back from the checkpoint.
+    again = latent_config(digits_data_dir, ae_workdir)
+    png, npz = sample(again, tmp_path)
+    assert np.load(npz)["arr_0"].shape == (8, 8, 8, 1)
+    again = latent_config(digits_data_dir, ae_workdir)
+    again.training.num_steps = 3
+    assert int(train(again, tmp_path).step) == 3
+    assert not (tmp_path / "config_history.jsonl").read_text().count("scale_factor")
+
+
+def test_bad_latent_setups_are_one_line_errors(first_stage_run, digits_data_dir, tmp_path):
+    ae_workdir, _ = first_stage_run
+    config = latent_config(digits_data_dir, tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: .*nowhere has no checkpoints/ directory"):
+        experiment.build(config)
+    diffusion_run = tmp_path / "ddpm"
+    plain = tiny_digits_config(digits_data_dir)
+    plain.training.update(num_steps=1, sample_every=0, checkpoint_every=1)
+    train(plain, diffusion_run)
+    with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: .* is not a first-stage run"):
+        experiment.build(latent_config(digits_data_dir, diffusion_run))
+    config = latent_config(digits_data_dir, ae_workdir)
+    config.data.image_size = 16
+    with pytest.raises(ConfigError, match=r"^data.image_size: the autoencoder of .* was trained on \(8, 8, 1\) images"):
+        experiment.build(config)
+    first_stage = latent.load_first_stage(latent_config(digits_data_dir, ae_workdir), (8, 8, 1))
+    with pytest.raises(ConfigError, match=r"^latent.scale_factor: missing"):
+        first_stage.decode(np.zeros((1, 4, 4, 2), np.float32))
+    bad = first_stage_config(digits_data_dir)
+    bad.training.objective = "denoise"
+    with pytest.raises(ConfigError, match=r"^training.objective: 'autoencode' trains LDM's first stage"):
+        experiment.build(bad)
