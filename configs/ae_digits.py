@@ -42,5 +42,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 32
     config.sample.batch_size = 32
     config.sample.png_scale = 4
-    config.eval.metrics = ()
+    config.eval.metrics = ("psnr", "ssim", "digits")  # of the 297 test digits' reconstructions
     return config

@@ -48,6 +48,7 @@ from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.writer import MetricWriter
 
 INCEPTION_METRICS = ("fid", "inception_score", "kid")
+RECONSTRUCTION_METRICS = ("psnr", "ssim")  # of a first stage's reconstructions of `eval.split`
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -97,6 +98,17 @@ class Evaluator:
                 f"eval.metrics: {', '.join(self.metrics)} need an image dataset; data.name={config.data.name!r} "
                 "is 2-D toy data"
             )
+        self.autoencode = config.training.get("objective", "denoise") == "autoencode"
+        if self.autoencode != any(m in self.metrics for m in RECONSTRUCTION_METRICS) or (
+            self.autoencode and set(self.metrics) - {*RECONSTRUCTION_METRICS, "digits"}
+        ):
+            raise ConfigError(
+                f"eval.metrics: {', '.join(self.metrics)}; a training.objective='autoencode' run is scored on its "
+                f"reconstructions with any of {RECONSTRUCTION_METRICS + ('digits',)}, and only it"
+            )
+        if exp.first_stage is not None and {"vlb_bpd", "ode_bpd"} & set(self.metrics):
+            raise ConfigError("eval.metrics: a latent diffusion model's likelihood is of latents, not of pixels; "
+                              "vlb_bpd and ode_bpd are for pixel-space runs")
         if "digits" in self.metrics and config.data.name != "digits":
             raise ConfigError(f"eval.metrics: 'digits' scores the digits dataset; data.name is {config.data.name!r}")
         self.weights = self.eval.get("inception_weights")
@@ -303,6 +315,36 @@ class Evaluator:
                 scalars["digits_accuracy"] = evaluator.class_accuracy(images, labels)
         return scalars, protocol
 
+    # --- a first stage's reconstructions --------------------------------------------------------
+
+    def reconstruction_metrics(self, params: nnx.State) -> dict[str, float]:
+        """PSNR, SSIM and (with 'digits') the digits metric of `eval.split`'s reconstructions through the
+        posterior mean: the digits-FID of reconstructions is LDM's rFID, with the digits classifier's features."""
+        from diffusion_jax.metrics import digits, image_quality
+
+        images, labels = self._data()
+        graphdef = self.exp.graphdef
+
+        @jax.jit
+        def reconstruct(params: nnx.State, x: jax.Array) -> jax.Array:
+            x_rec, _ = nnx.merge(graphdef, params).autoencoder(x, sample_posterior=False)
+            return jnp.clip(x_rec, -1.0, 1.0)
+
+        batch = self.eval.batch_size
+        x = images.astype(np.float32) / 127.5 - 1.0
+        rec = np.concatenate([np.asarray(reconstruct(params, x[i : i + batch])) for i in range(0, len(x), batch)])
+        scalars = {}
+        if "psnr" in self.metrics:
+            scalars["psnr"] = float(np.mean(image_quality.psnr(x, rec)))
+        if "ssim" in self.metrics:
+            scalars["ssim"] = float(np.mean(image_quality.ssim(x, rec)))
+        if "digits" in self.metrics:
+            evaluator = digits.default_evaluator()
+            rec_uint8 = to_uint8(rec)
+            scalars |= {"digits_rfid": evaluator.fid(rec_uint8), "digits_accuracy": evaluator.class_accuracy(
+                rec_uint8, labels), "digits_fid_of_inputs": evaluator.fid(images)}
+        return scalars
+
     # --- all of it ----------------------------------------------------------------------------
 
     def __call__(self, state: TrainState, step: int) -> dict[str, Any]:
@@ -348,7 +390,14 @@ class Evaluator:
                 "dequantization": "uniform, x = 2(k + u)/256 - 1",
                 "offset_bits_per_dim": 7.0,  # log2(256 / 2): the density of [-1, 1] data on the integer grid
             }
-        if any(m in self.metrics for m in (*INCEPTION_METRICS, "digits")):
+        if self.autoencode:
+            scalars.update(self.reconstruction_metrics(params))
+            protocol["reconstructions"] = {
+                "split": e.split, "num_examples": len(self._data()[0]), "latent": "the posterior mean",
+                "psnr_ssim": "per image on [-1, 1] (data range 2), averaged; SSIM: 11x11 Gaussian window, sigma 1.5, "
+                             "smaller for images under 11 pixels (metrics.image_quality)",
+            }
+        elif any(m in self.metrics for m in (*INCEPTION_METRICS, "digits")):
             values, sample_protocol = self.sample_metrics(params, jax.random.fold_in(key, 2))
             scalars.update(values)
             _, options = sampler_from_config(config.sample, self.learn_sigma)

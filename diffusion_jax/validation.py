@@ -58,7 +58,7 @@ class Rule(NamedTuple):
     optional: bool = False  # absent is fine (model arguments differ per model)
 
 
-EVAL_METRICS = ("vlb_bpd", "ode_bpd", "fid", "inception_score", "kid", "digits")
+EVAL_METRICS = ("vlb_bpd", "ode_bpd", "fid", "inception_score", "kid", "digits", "psnr", "ssim")
 
 RULES: tuple[Rule, ...] = (
     Rule("seed", _int(0), "an int >= 0"),

@@ -10,6 +10,7 @@ from conftest import tiny_digits_config
 import diffusion_jax as dj
 from diffusion_jax import latent
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.evaluate import evaluate
 from diffusion_jax.sample import sample
 from diffusion_jax.training import experiment
 from diffusion_jax.training.loop import train
@@ -44,6 +45,18 @@ def test_a_first_stage_run_trains_both_players_and_writes_reconstructions(first_
     pairs = np.load(workdir / "samples" / "samples_3.npz")["arr_0"]  # held-out digits beside reconstructions
     assert pairs.shape == (8, 8, 8, 1)
     assert not np.array_equal(pairs[0], pairs[1])  # an untrained reconstruction differs from its input
+
+
+def test_eval_mode_scores_a_first_stage_on_its_reconstructions(first_stage_run, digits_data_dir):
+    workdir, _ = first_stage_run
+    config = first_stage_config(digits_data_dir)
+    config.eval.update(metrics=("psnr", "ssim"), num_examples=32, batch_size=16)
+    results = evaluate(config, workdir)
+    assert 0 < results["metrics"]["psnr"] < 60 and -1 < results["metrics"]["ssim"] < 1
+    assert results["protocol"]["reconstructions"]["num_examples"] == 32
+    config.eval.metrics = ("vlb_bpd",)
+    with pytest.raises(ConfigError, match=r"^eval.metrics: vlb_bpd; a training.objective='autoencode' run is scored"):
+        evaluate(config, workdir)
 
 
 def latent_config(data_dir: str, ae_workdir):
