@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.latent.autoencoder_workdir = "runs/ae_digits"
     config.model.ch = 64
     config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 2
+    config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4, 2)
     config.model.num_heads = 4
     config.model.dropout = 0.0

@@ -79,3 +79,37 @@ def test_dit_xl2_imagenet256_is_peebles_and_xie_and_says_what_it_lacks():
     assert round(n / 1e6) == 675  # Table 4
     with pytest.raises(ConfigError, match="data.name"):  # the latent dataset is not here (see its docstring)
         data.example_shape(c.data)
+
+
+def test_ldm_cin256_is_rombach_et_al():
+    from diffusion_jax.validation import validate_config
+
+    c = load_config("ldm_cin256")
+    assert (c.data.image_size, c.data.random_flip) == (256, False)
+    # VQ-f4 latents of 256x256 images: 64x64x3 (Table 15), unscaled as LatentDiffusion's default.
+    latent_shape = (c.data.image_size // 4, c.data.image_size // 4, 3)
+    assert latent_shape == (64, 64, 3) and c.latent.autoencoder_workdir is not None and c.latent.scale_factor == 1.0
+    d = c.diffusion
+    assert (d.schedule, d.num_timesteps, d.prediction, d.loss) == ("scaled_linear", 1000, "eps", "simple")
+    assert d.loss_weighting == "none"  # L_simple
+    betas = build_schedule(c).betas  # sqrt-linear as LDM's, but SD's endpoints, not cin256's 0.0015 -> 0.0195
+    assert jax.numpy.allclose(jax.numpy.stack([betas[0], betas[-1]]), jax.numpy.array([0.00085, 0.012]))
+    o = c.optim
+    assert (o.name, o.learning_rate, o.weight_decay, o.warmup_steps, o.grad_clip_norm) == ("adamw", 1e-4, 0.01, 0, 0)
+    t = c.training
+    assert (t.batch_size, t.num_steps, tuple(t.ema_decays), t.label_dropout) == (1200, 178_000, (), 0.1)
+    m = c.model
+    assert (m.name, m.ch, tuple(m.ch_mult), m.num_res_blocks, m.dropout) == ("unet", 192, (1, 2, 3, 5), 2, 0.0)
+    assert (tuple(m.attn_resolutions), m.num_heads, m.context_dim, m.transformer_depth) == ((32, 16, 8), 1, 512, 1)
+    assert (m.num_classes, m.learn_sigma, m.use_scale_shift_norm, m.resblock_updown) == (1000, False, False, False)
+    s = c.sample
+    assert (s.sampler, s.steps, s.eta, s.guidance_scale, s.ema_decay, s.clip_x0) == ("ddim", 250, 0.0, 1.5, None, None)
+    kwargs = model_kwargs(c, latent_shape)
+    n = models.count_params(lambda: models.create(m.name, rngs=nnx.Rngs(0), **kwargs))
+    unet = n - (m.num_classes + 1) * 4 * m.ch  # less the label table (its null row included)
+    assert round(unet / 1e4) == 40092, unet  # "DiffusionWrapper has 400.92 M params" (the cin256-v2 notebook)
+    assert abs(n - 400e6) < 0.01 * 400e6, n  # Tables 3 and 10: 400M, rounded (Table 15 prints 395M)
+    validate_config(c, num_devices=8, num_processes=1)
+    check_config(c, build_schedule(c), latent_shape)
+    with pytest.raises(ConfigError, match="data.name"):  # ImageNet is not here (see the docstring)
+        data.example_shape(c.data)

@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_digits_config
 from flax import nnx
 
-from diffusion_jax import models
+from diffusion_jax import conditioning, models
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models import dit
 from diffusion_jax.models.dit import DiT, DiTBlock, get_2d_sincos_pos_embed
@@ -410,3 +410,171 @@ def test_build_model_rejects_a_patch_size_that_does_not_divide_the_image(tmp_pat
     message = r"model\.patch_size: 3 does not divide data\.image_size=8; use one of 1, 2, 4, 8"
     with pytest.raises(ConfigError, match=message):
         build_model(config, (8, 8, 1))
+
+
+# Text and context conditioning (PixArt-α, arXiv 2310.00426, §2.3): cross-attention in every block.
+CTX = dict(image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+TEXT = dict(vocab_size=11, max_len=6, width=16, depth=1, num_heads=2)  # a text encoder of width 16
+CROSS = ("to_q.kernel", "to_k.kernel", "to_v.kernel", "to_out.0.kernel", "to_out.0.bias")
+
+
+def _rbg() -> nnx.Rngs:
+    """rbg keys: eager initialisation compiles far less than with threefry."""
+    return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
+def _paths(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    return {".".join(map(str, path)): tuple(p.shape) for path, p in nnx.to_flat_state(state)}
+
+
+def _set(state: nnx.State, name: str, value) -> nnx.State:
+    """`state` with every parameter whose path ends in `name` replaced by `value(shape)`."""
+    flat = [(path, p.replace(jnp.asarray(value(p.shape), jnp.float32))
+             if ".".join(map(str, path)).endswith(name) else p) for path, p in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def _context_forward(graphdef: nnx.GraphDef):
+    return jax.jit(lambda state, x, t, cond: nnx.merge(graphdef, state)(x, t, cond))
+
+
+@pytest.fixture(scope="module")
+def ctx_inputs():
+    kx, kc = jax.random.split(jax.random.key(11))
+    x = jax.random.normal(kx, (B, 8, 8, 3))
+    t = jnp.array([0, 250, 500, 999])
+    context = jax.random.normal(kc, (B, 5, 12))
+    mask = jnp.arange(5)[None, :] < jnp.array([5, 3, 1, 0])[:, None]  # row 3: every token is padding
+    cond = {"label": jnp.array([0, 1, 2, 3]), "context": context, "context_mask": mask, "pooled": jnp.ones((B, 6))}
+    return x, t, cond
+
+
+def test_context_arguments_add_only_their_parameters():
+    """context_dim adds `blocks.{i}.cross_attn.*` (models.attention.Attention's names), pooled_dim `cond.pooled.*`,
+    text_encoder `text_encoder.*` as well; the plain DiT's tree is unchanged. Variants take the arguments too."""
+    plain = _paths(nnx.state(nnx.eval_shape(lambda: DiT(**CTX, rngs=nnx.Rngs(0)))))
+    with_ctx = _paths(nnx.state(nnx.eval_shape(lambda: DiT(**CTX, context_dim=12, pooled_dim=6, rngs=nnx.Rngs(0)))))
+    added = {f"blocks.{i}.cross_attn.{name}" for i in range(2) for name in CROSS} | {"cond.pooled.kernel",
+                                                                                    "cond.pooled.bias"}
+    assert set(with_ctx) == set(plain) | added and not set(plain) & added
+    assert {k: with_ctx[k] for k in plain} == plain
+    assert with_ctx["blocks.0.cross_attn.to_k.kernel"] == (12, 32) and with_ctx["cond.pooled.kernel"] == (6, 32)
+    assert with_ctx["blocks.1.cross_attn.to_q.kernel"] == with_ctx["blocks.1.cross_attn.to_out.0.kernel"] == (32, 32)
+
+    text = _paths(nnx.state(nnx.eval_shape(lambda: models.create("dit", rngs=nnx.Rngs(0), **CTX, text_encoder=TEXT))))
+    assert text["blocks.0.cross_attn.to_k.kernel"] == (16, 32)  # context_dim = the encoder's width
+    assert text["cond.pooled.kernel"] == (16, 32)  # its pooled output joins c
+    assert text["text_encoder.token_embed.embedding"] == (11, 16) and text["text_encoder.pos_embed"] == (6, 16)
+
+    s2 = nnx.eval_shape(lambda: models.create("DiT-S/2", rngs=nnx.Rngs(0), image_size=8, in_channels=4,
+                                              context_dim=12, pooled_dim=6, text_encoder=None))
+    assert s2.blocks[11].cross_attn.to_k.kernel.shape == (12, 384) and s2.cond.pooled.kernel.shape == (6, 384)
+
+
+def test_cross_attention_starts_at_zero_then_reads_the_context(ctx_inputs):
+    """A fresh cross-attention adds exactly nothing (zero to_out, PixArt's init): the model computes the plain DiT
+    of the same weights, whatever the context. Once to_out is perturbed the context matters."""
+    x, t, cond = ctx_inputs
+    model = DiT(**CTX, context_dim=12, pooled_dim=6, rngs=_rbg())
+    for block in model.blocks:
+        assert not np.any(np.asarray(block.cross_attn.to_out[0].kernel[...]))
+        assert not np.any(np.asarray(block.cross_attn.to_out[0].bias[...]))
+        k = np.abs(np.asarray(block.cross_attn.to_k.kernel[...]))  # xavier_uniform, as DiT's other linears
+        assert 0.9 * math.sqrt(6 / (12 + 32)) < k.max() <= math.sqrt(6 / (12 + 32))
+    graphdef, state = nnx.split(model)
+    state = _set(_random_state(state, seed=5), "cross_attn.to_out.0.kernel", np.zeros)
+    state = _set(state, "cross_attn.to_out.0.bias", np.zeros)
+    f = _context_forward(graphdef)
+    out = np.asarray(f(state, x, t, cond))
+    plain_graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiT(**CTX, pooled_dim=6, rngs=nnx.Rngs(0))))
+    plain_state = nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if "cross_attn" not in p])
+    no_context = {k: cond[k] for k in ("label", "pooled")}
+    np.testing.assert_allclose(out, _context_forward(plain_graphdef)(plain_state, x, t, no_context), atol=1e-6)
+    np.testing.assert_allclose(out, f(state, x, t, cond | {"context": -cond["context"]}), atol=1e-6)
+
+    rng = np.random.default_rng(6)
+    state = _set(state, "cross_attn.to_out.0.kernel", lambda shape: rng.standard_normal(shape) / math.sqrt(shape[0]))
+    out = np.asarray(f(state, x, t, cond))
+    changed = np.abs(out - np.asarray(f(state, x, t, cond | {"context": -cond["context"]}))).max(axis=(1, 2, 3))
+    assert np.all(changed[:3] > 1e-3)  # rows with real tokens read them ...
+    assert changed[3] == 0  # ... the all-padding row has none to read
+
+
+def test_an_all_masked_context_is_no_context_and_padding_changes_nothing(ctx_inputs):
+    x, t, cond = ctx_inputs
+    graphdef, state = nnx.split(DiT(**CTX, context_dim=12, pooled_dim=6, rngs=_rbg()))
+    state = _random_state(state, seed=7)  # every projection perturbed, to_out included
+    f = _context_forward(graphdef)
+    out = np.asarray(f(state, x, t, cond))
+    # The null condition (null label, all-False mask, zero pooled) is no condition at all.
+    np.testing.assert_allclose(f(state, x, t, conditioning.null(cond, CTX["num_classes"])), f(state, x, t, None),
+                               atol=1e-6)
+    # Row 3's context is all padding: it equals the same row given no context.
+    np.testing.assert_allclose(out[3], f(state, x, t, {k: cond[k] for k in ("label", "pooled")})[3], atol=1e-6)
+    # Padded tokens change nothing: neither their values nor more of them.
+    garbage = jnp.where(cond["context_mask"][..., None], cond["context"], 100.0)
+    np.testing.assert_allclose(f(state, x, t, cond | {"context": garbage}), out, atol=1e-6)
+    longer = cond | {"context": jnp.pad(cond["context"], ((0, 0), (0, 2), (0, 0)), constant_values=3.0),
+                     "context_mask": jnp.pad(cond["context_mask"], ((0, 0), (0, 2)))}
+    np.testing.assert_allclose(f(state, x, t, longer), out, atol=1e-5)
+    assert np.abs(out - f(state, x, t, cond | {"pooled": -cond["pooled"]})).min() > 0  # the pooled embedding counts
+
+
+def test_entries_a_dit_was_built_without_are_errors():
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(**CTX, rngs=nnx.Rngs(0))))
+    x, t = jnp.zeros((B, 8, 8, 3)), jnp.zeros((B,), jnp.int32)
+
+    def call(cond, g=graphdef, s=state):
+        return jax.eval_shape(lambda s: nnx.merge(g, s)(x, t, cond), s)
+
+    with pytest.raises(ValueError, match=r"^context: a token context was given to a model built without "
+                                         r"model\.context_dim"):
+        call({"context": jnp.zeros((B, 5, 12))})
+    with pytest.raises(ValueError, match=r"^cond: tokens were given to a model built without model\.text_encoder"):
+        call({"tokens": jnp.zeros((B, 5), jnp.int32)})
+    with pytest.raises(ValueError, match=r"^cond: a pooled embedding was given to a model built without "
+                                         r"model\.pooled_dim"):
+        call({"pooled": jnp.zeros((B, 6))})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(**CTX, context_dim=12, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match=r"^context: width 7 != model\.context_dim 12"):
+        call({"context": jnp.zeros((B, 5, 7))}, graphdef, state)
+    with pytest.raises(ConfigError, match=r"model\.context_dim: 12 != model\.text_encoder\.width 16"):
+        DiT(**CTX, context_dim=12, text_encoder=TEXT, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"model\.text_encoder: missing \['vocab_size'\]"):
+        DiT(**CTX, text_encoder={k: v for k, v in TEXT.items() if k != "vocab_size"}, rngs=nnx.Rngs(0))
+
+
+def test_remat_and_bfloat16_with_context(ctx_inputs):
+    """One checkpointed call per block with the context as argument; the cross-attention's matmuls
+    (to_q, to_k, to_v, QK^T, AV, to_out) run in bfloat16 like the rest of the block."""
+    x, t, cond = ctx_inputs
+    model = nnx.eval_shape(lambda: DiT(**CTX, context_dim=12, pooled_dim=6, remat=True, dtype=jnp.bfloat16,
+                                       rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, t, cond))(state)
+    assert _remat_count(jaxpr.jaxpr) == CTX["depth"]
+    dtypes = _dot_dtypes(jaxpr.jaxpr)  # + the pooled projection; the final layer's two stay float32
+    assert dtypes.count("bfloat16") == 13 * CTX["depth"] + 3 and dtypes.count("float32") == 2
+
+
+def test_text_encoder_tokens_condition_the_dit():
+    """`text_encoder`: tokens are encoded jointly; the context feeds the cross-attention, the pooled output c."""
+    model = models.create("dit", rngs=_rbg(), **CTX, text_encoder=TEXT)
+    graphdef, state = nnx.split(model)
+    state = _random_state(state, seed=8)
+    f = _context_forward(graphdef)
+    x, t = jax.random.normal(jax.random.key(2), (B, 8, 8, 3)), jnp.array([1, 10, 100, 900])
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0], [3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    cond = {"tokens": tokens, "token_mask": tokens > 0}
+    out = np.asarray(f(state, x, t, cond))
+    assert out.shape == (B, 8, 8, 3) and np.all(np.isfinite(out))
+    other = cond | {"tokens": jnp.where(cond["token_mask"], (tokens + 4) % 10 + 1, 0)}
+    assert np.all(np.abs(out - f(state, x, t, other)).max(axis=(1, 2, 3))[:3] > 1e-3)  # the caption matters
+    np.testing.assert_allclose(f(state, x, t, cond | {"tokens": jnp.where(cond["token_mask"], tokens, 7)}), out,
+                               atol=1e-6)  # padded token ids change nothing
+    np.testing.assert_allclose(f(state, x, t, conditioning.null(cond, CTX["num_classes"])), f(state, x, t, None),
+                               atol=1e-6)
+    np.testing.assert_allclose(out[3], f(state, x, t, None)[3], atol=1e-6)  # an empty caption is none
+    no_cross = _set(state, "cross_attn.to_out.0.kernel", np.zeros)
+    no_cross = _set(no_cross, "cross_attn.to_out.0.bias", np.zeros)
+    assert np.abs(f(no_cross, x, t, cond) - f(no_cross, x, t, other)).max() > 1e-3  # through c: the pooled output

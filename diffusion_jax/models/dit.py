@@ -17,6 +17,18 @@ Performance options: `dtype=jnp.bfloat16` runs the matmuls, attention and activa
 bfloat16 with float32 parameters (cast at use), while the residual stream, the LayerNorm
 statistics and the final layer stay float32; `remat=True` recomputes each block's
 activations in the backward pass (`nnx.remat`), trading compute for memory.
+
+Text and context conditioning (the condition pytree of DESIGN §6, as the U-Net takes it), the way
+PixArt-α adds it to DiT (Chen et al. 2023, arXiv 2310.00426, §2.3 and Figure 4): with
+`context_dim`, every block gets a multi-head cross-attention to `cond['context']` [B, L, D_ctx]
+between its self-attention and its MLP, x = x + CrossAttn(x, context), on the un-normalised
+stream and without adaLN modulation. Its output projection starts at zero (PixArt's
+`initialize_weights`), so a fresh model computes exactly what the DiT without it computes.
+`pooled_dim` adds a projection of `cond['pooled']` [B, D] to c; `text_encoder` builds a jointly
+trained `models.text.TextEncoder` of `cond['tokens']` whose context feeds the cross-attention and
+whose pooled output joins c. Without these arguments the DiT, its parameters and outputs, are
+those of the paper. The cross-attention is `models.attention.Attention` (diffusers' names), so it
+has no bias on Q, K and V, where PixArt's `q_linear`/`kv_linear` have one.
 """
 
 from collections.abc import Callable
@@ -28,8 +40,11 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
+from diffusion_jax import conditioning
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models import attention
 from diffusion_jax.models.layers import ConditionEmbedder, zeros_init
+from diffusion_jax.models.text import build_text_encoder, split_condition
 
 AttentionImpl = Literal["xla", "cudnn"]
 
@@ -183,6 +198,9 @@ class DiTBlock(nnx.Module):
     (β1, γ1, α1, β2, γ2, α2) = Linear(SiLU(c)), the Linear zero-initialised so that every α is
     0 and the block starts as the identity;
     x = x + α1 * Attn(LN(x) * (1 + γ1) + β1); x = x + α2 * MLP(LN(x) * (1 + γ2) + β2).
+    With `context_dim`, PixArt-α's cross-attention (arXiv 2310.00426, §2.3) sits between the two:
+    x = x + CrossAttn(x, context), `cross_attn` a `models.attention.Attention` with xavier_uniform
+    Q/K/V and a zero-initialised output projection `to_out.0`; without it `cross_attn` is None.
     The residual stream x stays float32 whatever the compute dtype.
     """
 
@@ -195,20 +213,60 @@ class DiTBlock(nnx.Module):
         attention_impl: AttentionImpl | None,
         rngs: nnx.Rngs,
         dtype: DTypeLike,
+        context_dim: int | None = None,
     ):
+        self.context_dim = context_dim
         self.norm1 = _layer_norm(hidden_size, rngs=rngs, dtype=dtype)
         self.attn = Attention(hidden_size, num_heads, impl=attention_impl, rngs=rngs, dtype=dtype)
+        cross_attn = None  # one assignment below: nnx makes an attribute first set to None static
+        if context_dim is not None:
+            cross_attn = _cross_attention(
+                hidden_size, num_heads, context_dim, attention_impl=attention_impl, rngs=rngs, dtype=dtype
+            )
+        self.cross_attn = cross_attn
         self.norm2 = _layer_norm(hidden_size, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), rngs=rngs, dtype=dtype)
         self.adaln_modulation = _linear(hidden_size, 6 * hidden_size, zero=True, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """x: [B, T, D] float32, c: [B, D] -> [B, T, D] float32."""
+    def __call__(
+        self, x: jax.Array, c: jax.Array, context: jax.Array | None = None, context_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [B, T, D] float32, c: [B, D], context [B, L, context_dim] and context_mask bool [B, L]
+        (or None: no cross-attention, as an empty or all-masked context) -> [B, T, D] float32."""
+        attention.check_context(context, context_mask, batch=x.shape[0], context_dim=self.context_dim)
         mod = self.adaln_modulation(nnx.silu(c))[:, None, :]  # [B, 1, 6D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)  # [B, 1, D]
         x = x + (gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))).astype(x.dtype)
+        if context is not None:
+            x = x + self.cross_attn(x, context, context_mask).astype(x.dtype)
         x = x + (gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))).astype(x.dtype)
         return x
+
+
+def _cross_attention(
+    hidden_size: int,
+    num_heads: int,
+    context_dim: int,
+    *,
+    attention_impl: AttentionImpl | None,
+    rngs: nnx.Rngs,
+    dtype: DTypeLike,
+) -> attention.Attention:
+    """PixArt-α's block cross-attention with its init: xavier_uniform Q, K, V (DiT's `_basic_init`,
+    which PixArt applies to every linear) and a zero output projection, weight and bias."""
+    layer = attention.Attention(
+        hidden_size,
+        context_dim=context_dim,
+        num_heads=num_heads,
+        head_dim=hidden_size // num_heads,
+        attention_impl=attention_impl,
+        rngs=rngs,
+        dtype=dtype,
+    )
+    for projection in (layer.to_q, layer.to_k, layer.to_v):
+        projection.kernel.set_value(xavier_uniform(rngs.params(), projection.kernel.shape, jnp.float32))
+    layer.to_out[0].kernel.set_value(jnp.zeros_like(layer.to_out[0].kernel[...]))  # the bias starts at zero
+    return layer
 
 
 class FinalLayer(nnx.Module):
@@ -230,9 +288,11 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def _apply_block(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
-    """block(x, c) as a function of the block, the form `nnx.remat` transforms."""
-    return block(x, c)
+def _apply_block(
+    block: DiTBlock, x: jax.Array, c: jax.Array, context: jax.Array | None, context_mask: jax.Array | None
+) -> jax.Array:
+    """block(x, c, context, context_mask) as a function of the block, the form `nnx.remat` transforms."""
+    return block(x, c, context, context_mask)
 
 
 def _divisors(n: int) -> str:
@@ -269,12 +329,23 @@ class DiT(nnx.Module):
         attention_impl: `implementation` of `jax.nn.dot_product_attention`: None (JAX's choice,
             which in jax 0.10 is always XLA), 'xla', or 'cudnn' (fused flash attention on NVIDIA
             GPUs; needs bfloat16/float16 and head_dim <= 128).
+        context_dim: the width D_ctx of a token context `cond['context']` [B, L, D_ctx]: every block
+            gets PixArt-α's cross-attention `blocks.{i}.cross_attn` (`to_q`, `to_k`, `to_v` kernels,
+            no bias; `to_out.0` kernel and bias, zero-initialised). None: no cross-attention, and a
+            context is a ValueError.
+        pooled_dim: the width of a pooled embedding `cond['pooled']` [B, D], projected
+            (`cond.pooled`) and added to c.
+        text_encoder: a jointly trained `models.text.TextEncoder` of `cond['tokens']` (parameters
+            `text_encoder.*`): a dict of its `vocab_size`, `max_len`, `width`, `depth`, `num_heads`,
+            as the U-Net's. Its context feeds the cross-attention (context_dim = width) and its
+            pooled output joins c (pooled_dim = width).
         rngs: parameter initialisation keys; the model keeps no RNG state.
 
     Raises:
         ConfigError: when `patch_size` does not divide `image_size`, `num_heads` does not divide
-            `hidden_size`, `hidden_size` is not a multiple of 4, `dtype` is not a float type, or
-            `attention_impl` is unknown.
+            `hidden_size`, `hidden_size` is not a multiple of 4, `dtype` is not a float type,
+            `attention_impl` is unknown, `text_encoder` lacks a field, or `context_dim` differs from
+            the text encoder's width.
     """
 
     def __init__(
@@ -292,6 +363,9 @@ class DiT(nnx.Module):
         dtype: DTypeLike = jnp.float32,
         remat: bool = False,
         attention_impl: AttentionImpl | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
+        text_encoder: dict | None = None,
         rngs: nnx.Rngs,
     ):
         if patch_size < 1 or image_size % patch_size:
@@ -322,6 +396,9 @@ class DiT(nnx.Module):
         self.hidden_size = hidden_size
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.remat = remat
+        if text_encoder is not None:
+            context_dim = context_dim or text_encoder.get("width")
+        self.context_dim = context_dim
 
         self.x_embedder = nnx.Conv(
             in_channels,
@@ -335,11 +412,26 @@ class DiT(nnx.Module):
             param_dtype=jnp.float32,
             rngs=rngs,
         )
-        self.cond = ConditionEmbedder(FREQUENCY_EMBEDDING_SIZE, hidden_size, num_classes, rngs=rngs, dtype=dtype)
+        self.text_encoder = (
+            None if text_encoder is None else build_text_encoder(text_encoder, context_dim, rngs=rngs, dtype=dtype)
+        )
+        if self.text_encoder is not None:
+            pooled_dim = self.text_encoder.width  # its pooled output joins c, as in the U-Net
+        self.cond = ConditionEmbedder(
+            FREQUENCY_EMBEDDING_SIZE, hidden_size, num_classes, pooled_dim=pooled_dim, rngs=rngs, dtype=dtype
+        )
         self._init_condition(rngs)
         self.blocks = nnx.List(
             [
-                DiTBlock(hidden_size, num_heads, mlp_ratio, attention_impl=attention_impl, rngs=rngs, dtype=dtype)
+                DiTBlock(
+                    hidden_size,
+                    num_heads,
+                    mlp_ratio,
+                    attention_impl=attention_impl,
+                    rngs=rngs,
+                    dtype=dtype,
+                    context_dim=context_dim,
+                )
                 for _ in range(depth)
             ]
         )
@@ -357,7 +449,7 @@ class DiT(nnx.Module):
         self,
         x: jax.Array,
         t: jax.Array,
-        cond: jax.Array | None = None,
+        cond: conditioning.Cond = None,
         train: bool = False,
         *,
         rngs: nnx.Rngs | None = None,
@@ -367,7 +459,11 @@ class DiT(nnx.Module):
         Args:
             x: [B, H, W, C] noisy images or latents, H = W = image_size, C = in_channels.
             t: [B] timesteps (int indices or continuous times), embedded as given.
-            cond: [B] int class labels, num_classes for the null label; None = all null.
+            cond: the condition (`diffusion_jax.conditioning`): [B] int class labels (num_classes is
+                the null label), or a dict of 'label', 'tokens'/'token_mask' (with `text_encoder`),
+                'context'/'context_mask' (with `context_dim`), 'pooled' (with `pooled_dim` or
+                `text_encoder`); a missing entry (or None) is the null condition. An entry the model
+                was built without is a ValueError naming it.
             train: unused (DiT has no dropout); part of the common model call.
             rngs: unused, as `train`.
 
@@ -382,10 +478,13 @@ class DiT(nnx.Module):
         pos = jnp.asarray(get_2d_sincos_pos_embed(self.hidden_size, grid))  # [T, D] constant, T = grid^2
         h = self.x_embedder(x).reshape(b, grid * grid, self.hidden_size)  # [B, T, D], row-major patches
         h = h.astype(jnp.float32) + pos  # [B, T, D] float32 residual stream
-        c = self.cond(t, cond)  # [B, D]
+        entries, context = split_condition(cond, self.text_encoder)
+        context, context_mask = context or (None, None)  # [B, L, D_ctx], [B, L] bool
+        attention.check_context(context, context_mask, batch=b, context_dim=self.context_dim)
+        c = self.cond(t, entries)  # [B, D]
         apply = nnx.remat(_apply_block) if self.remat else _apply_block
         for block in self.blocks:
-            h = apply(block, h, c)  # [B, T, D]
+            h = apply(block, h, c, context, context_mask)  # [B, T, D]
         out = self.final_layer(h, c)  # [B, T, p*p*C']
         return unpatchify(out, self.patch_size, self.out_channels)  # [B, H, W, C']
 

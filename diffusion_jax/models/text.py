@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from diffusion_jax import conditioning
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.layers import zeros_init
 
 xavier_uniform = nnx.initializers.xavier_uniform()  # linear layers, as ViT / DiT
@@ -158,3 +160,39 @@ class TextEncoder(nnx.Module):
         context = self.norm(x) * keep  # [B, L, D]
         pooled = context.sum(axis=1) / jnp.maximum(keep.sum(axis=1), 1.0)  # [B, D]
         return context, pooled
+
+
+def build_text_encoder(
+    options: dict, context_dim: int | None, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32
+) -> TextEncoder:
+    """The jointly trained text encoder of a denoiser's `model.text_encoder` (vocab_size, max_len, width,
+    depth, num_heads); its width is the denoiser's `context_dim` (a different `context_dim` is a ConfigError)."""
+    required = ("vocab_size", "max_len", "width", "depth", "num_heads")
+    missing = [k for k in required if options.get(k) is None]
+    if missing:
+        raise ConfigError(f"model.text_encoder: missing {missing}; it needs {list(required)}")
+    if context_dim is not None and context_dim != options["width"]:
+        raise ConfigError(f"model.context_dim: {context_dim} != model.text_encoder.width {options['width']}")
+    return TextEncoder(**{k: options[k] for k in required}, rngs=rngs, dtype=dtype)
+
+
+Context = tuple[jax.Array, jax.Array] | None  # (context [B, L, D], context_mask [B, L]) for cross-attention
+
+
+def split_condition(
+    cond: conditioning.Cond, text_encoder: TextEncoder | None
+) -> tuple[dict[str, jax.Array], Context]:
+    """A denoiser's condition split into what its embedding takes (label, pooled) and its cross-attention context.
+
+    With a text encoder, `tokens`/`token_mask` are encoded here (trained jointly with the denoiser,
+    LDM §3.3): the context [B, L, width] goes to the cross-attention and the pooled output to the
+    embedding. Otherwise a given `context`/`context_mask` (e.g. saved CLIP/T5 outputs) is used as is.
+    """
+    entries = conditioning.with_masks(conditioning.as_dict(cond))
+    if "tokens" in entries:
+        if text_encoder is None:
+            raise ValueError("cond: tokens were given to a model built without model.text_encoder")
+        context, pooled = text_encoder(entries.pop("tokens"), entries["token_mask"])
+        entries.update(context=context, context_mask=entries.pop("token_mask"), pooled=pooled)
+    context = (entries.pop("context"), entries.pop("context_mask")) if "context" in entries else None
+    return entries, context

@@ -24,20 +24,9 @@ from diffusion_jax.models.layers import (
     linear,
     zeros_init,
 )
-from diffusion_jax.models.text import TextEncoder
+from diffusion_jax.models.text import Context, build_text_encoder, split_condition
 
 Direction = Literal["down", "up"]
-
-
-def _text_encoder(options: dict, context_dim: int | None, *, rngs: nnx.Rngs, dtype: DTypeLike) -> TextEncoder:
-    """The jointly trained text encoder of `model.text_encoder` (vocab_size, max_len, width, depth, num_heads)."""
-    required = ("vocab_size", "max_len", "width", "depth", "num_heads")
-    missing = [k for k in required if options.get(k) is None]
-    if missing:
-        raise ConfigError(f"model.text_encoder: missing {missing}; it needs {list(required)}")
-    if context_dim is not None and context_dim != options["width"]:
-        raise ConfigError(f"model.context_dim: {context_dim} != model.text_encoder.width {options['width']}")
-    return TextEncoder(**{k: options[k] for k in required}, rngs=rngs, dtype=dtype)
 
 
 def _conv3x3(
@@ -147,9 +136,6 @@ class AttentionBlock(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, C/N]
         out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, C/N]
         return x + self.proj_out(out.reshape(b, h, w, c))
-
-
-Context = tuple[jax.Array, jax.Array] | None  # (context [B, L, D], context_mask [B, L]) for cross-attention
 
 
 def _attend(attn: AttentionBlock | SpatialTransformer, h: jax.Array, context: Context) -> jax.Array:
@@ -368,7 +354,8 @@ class Encoder(nnx.Module):
         self.image_size = blocks.image_size
         self.in_channels = in_channels
         self.text_encoder = (
-            None if text_encoder is None else _text_encoder(text_encoder, blocks.context_dim, rngs=rngs, dtype=dtype)
+            None if text_encoder is None
+            else build_text_encoder(text_encoder, blocks.context_dim, rngs=rngs, dtype=dtype)
         )
         if self.text_encoder is not None:
             pooled_dim = self.text_encoder.width  # its pooled output joins the time embedding
@@ -403,7 +390,7 @@ class Encoder(nnx.Module):
         expected = (self.image_size, self.image_size, self.in_channels)
         if x.shape[1:] != expected:
             raise ValueError(f"x: {type(self).__name__} expects [B, {', '.join(map(str, expected))}], got {x.shape}")
-        cond, context = self._resolve(cond)
+        cond, context = split_condition(cond, self.text_encoder)
         emb = self.cond(t, cond)  # [B, 4ch]
         h = self.conv_in(x)  # [B, H, W, ch]
         hs = [h]
@@ -418,22 +405,6 @@ class Encoder(nnx.Module):
         h = _attend(self.mid_attn, h, context)
         h = self.mid_block2(h, emb, train, rngs)
         return h, hs, emb, context
-
-    def _resolve(self, cond: conditioning.Cond) -> tuple[conditioning.Cond, Context]:
-        """Splits a condition into what the embedding takes (label, pooled) and the cross-attention context.
-
-        With a text encoder, `tokens`/`token_mask` are encoded here (trained jointly with the U-Net,
-        LDM §3.3): its context [B, L, width] goes to the cross-attention and its pooled output to the
-        embedding. Otherwise a given `context`/`context_mask` (e.g. saved CLIP/T5 outputs) is used as is.
-        """
-        entries = conditioning.with_masks(conditioning.as_dict(cond))
-        if "tokens" in entries:
-            if self.text_encoder is None:
-                raise ValueError("cond: tokens were given to a model built without model.text_encoder")
-            context, pooled = self.text_encoder(entries.pop("tokens"), entries["token_mask"])
-            entries.update(context=context, context_mask=entries.pop("token_mask"), pooled=pooled)
-        context = (entries.pop("context"), entries.pop("context_mask")) if "context" in entries else None
-        return entries, context
 
 
 class UNet(Encoder):
