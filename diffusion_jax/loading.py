@@ -86,7 +86,7 @@ def load(
             if first_stage is not None:
                 example_shape = first_stage.latent_shape
             graphdef, init_params = build_model(config, example_shape)
-            index = _ema_index(config, ema_decay, field)
+            index = ema_index(config, config.sample.get("ema_decay") if ema_decay == _FROM_CONFIG else ema_decay, field)
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or _first_device()),
                 jax.eval_shape(init_params, jax.random.key(0)),
@@ -111,11 +111,12 @@ def _first_device() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _ema_index(config: ml_collections.ConfigDict, ema_decay: float | None | str, field: str) -> int | None:
-    decay = config.sample.get("ema_decay") if ema_decay == _FROM_CONFIG else ema_decay
+def ema_index(config: ml_collections.ConfigDict, decay: float | None, field: str = "sample.ema_decay") -> int | None:
+    """Which of the run's `training.ema_decays` is the EMA of `decay` (None: the raw parameters); a decay
+    the run did not keep is a ConfigError naming `field`."""
     if decay is None:
         return None
     decays = list(config.training.ema_decays)
     if decay not in decays:
-        raise ConfigError(f"{field}: the run kept EMAs of decays {decays}, not {decay} (None: the raw parameters)")
+        raise ConfigError(f"{field}: {decay} is not in training.ema_decays {decays} (or None: the raw parameters)")
     return decays.index(decay)

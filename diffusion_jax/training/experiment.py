@@ -9,8 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import data, latent, vlb
-from diffusion_jax.errors import ConfigError
+from diffusion_jax import data, latent, loading, vlb
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
@@ -115,13 +114,7 @@ def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callab
 
 def ema_index(config: ml_collections.ConfigDict) -> int | None:
     """Which of `training.ema_decays` samples are drawn with (`sample.ema_decay`; None: raw params)."""
-    decay = config.sample.ema_decay
-    if decay is None:
-        return None
-    decays = list(config.training.ema_decays)
-    if decay not in decays:
-        raise ConfigError(f"sample.ema_decay: {decay} is not in training.ema_decays {decays} (or None: raw params)")
-    return decays.index(decay)
+    return loading.ema_index(config, config.sample.ema_decay)
 
 
 def sampling_params(config: ml_collections.ConfigDict, state: state_lib.TrainState) -> nnx.State:
