@@ -17,8 +17,6 @@ training-time dropout (`drop`) are written once for labels, text and precomputed
 A whole condition is dropped together: an example is either fully conditional or fully null.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -100,8 +98,3 @@ def batch_size(cond: Cond) -> int | None:
     """The batch size of a condition (None for None)."""
     leaves = jax.tree.leaves(cond)
     return leaves[0].shape[0] if leaves else None
-
-
-def take(cond: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The entries of a batch dict that are conditioning (any of `KEYS`) and in `fields`."""
-    return {k: cond[k] for k in fields if k in cond}
