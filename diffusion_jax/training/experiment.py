@@ -22,7 +22,6 @@ from diffusion_jax.validation import validate_config
 
 
 class Experiment(NamedTuple):
-    config: ml_collections.ConfigDict
     schedule: Schedule
     example_shape: tuple[int, ...]
     graphdef: nnx.GraphDef
@@ -71,7 +70,6 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     abstract = jax.eval_shape(create_state)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     exp = Experiment(
-        config=config,
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
@@ -87,7 +85,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         batch_sharding=batch_sharding,
         sample_fn=make_sample_fn(graphdef, schedule, config, example_shape, batch_sharding),
         root_key=root_key,
-        first_stage=first_stage,
+        first_stage=None if first_stage is None else first_stage._replace(scale_factor=None),
     )
     if first_stage is not None and first_stage.scale_factor is not None:
         exp = with_scale_factor(exp, first_stage.scale_factor)
@@ -95,10 +93,12 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
 
 def with_scale_factor(exp: Experiment, scale_factor: float) -> Experiment:
-    """A latent run's experiment once its scale factor is known: samples decoded to pixels."""
+    """A latent run's experiment once its scale factor is known: samples decoded to pixels.
+
+    Call it once, on an experiment whose scale factor is still unknown (its sample function then
+    returns latents); `build` does when the config gives the factor, `train` when it computes it."""
     first_stage = exp.first_stage._replace(scale_factor=scale_factor)
-    raw = make_sample_fn(exp.graphdef, exp.schedule, exp.config, exp.example_shape, exp.batch_sharding)
-    return exp._replace(first_stage=first_stage, sample_fn=latent.decoding(raw, first_stage))
+    return exp._replace(first_stage=first_stage, sample_fn=latent.decoding(exp.sample_fn, first_stage))
 
 
 def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callable:
