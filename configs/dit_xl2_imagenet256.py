@@ -1,10 +1,20 @@
 """DiT-XL/2 on ImageNet 256x256 with Peebles & Xie 2023's settings (arXiv 2212.09748, §4 and Table 4).
 
 NOT RUNNABLE OFFLINE: it trains on 32x32x4 latents of ImageNet from the Stable Diffusion VAE
-(`stabilityai/sd-vae-ft-ema` or `-mse`, latents scaled by 0.18215), and neither the latent-diffusion
-pieces (the VAE and an ImageNet latent dataset, `data.name='imagenet256_latents'`) nor their
-weights are in this repository or reachable from it; building this config fails at once with the
-dataset error. It records the paper's protocol so that the numbers can be reproduced once they are.
+(`stabilityai/sd-vae-ft-ema`; DiT's `--vae ema`, or `-mse`), latents scaled by 0.18215 and drawn
+from the posterior, never the mean (DiT's train.py: `vae.encode(x).latent_dist.sample().mul_(0.18215)`).
+Every piece is named, and runs once its inputs are on disk:
+  1. ImageNet in tfds (`data.name='imagenet2012'`: the ILSVRC2012 tar files placed by hand, then
+     `python -m diffusion_jax.data.prepare --dataset=imagenet2012`); images are centre-cropped to
+     256x256 as ADM/DiT do (`pipeline._center_crop`) and flipped at random.
+  2. The SD-VAE as a first-stage workdir, `latent.autoencoder_workdir='weights/sd-vae-ft-ema'`,
+     written from diffusers' safetensors by the weight import (`python -m diffusion_jax.convert`,
+     the weight-import issue; not built yet). Building this config without it stops with the
+     one-line error naming `latent.autoencoder_workdir`.
+  3. The latent cache (1.28M x 2 flips x 32x32x8 moments: 84 GB float32, 42 GB with --dtype=float16),
+     written once: `python -m diffusion_jax.data.encode_latents --config=configs/dit_xl2_imagenet256.py`
+     to `latent.cache_dir`. Without the cache, the train step would encode 256 images per step and the
+     pipeline would hold the split's pixels in memory, which ImageNet's do not fit.
 
 The model: DiT-XL/2 (28 blocks, width 1152, 16 heads, patch 2: 256 tokens), class-conditional
 over 1000 classes with label dropout 0.1, learned sigma (iDDPM's hybrid loss, as the DiT code
@@ -22,7 +32,11 @@ from diffusion_jax.config import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.data.update(name="imagenet256_latents", image_size=32, random_flip=True)
+    config.data.update(name="imagenet2012", image_size=256, random_flip=True)
+    config.latent.update(
+        autoencoder_workdir="weights/sd-vae-ft-ema", scale_factor=0.18215, sample_posterior=True,
+        cache_dir="data/imagenet2012_256_sd_vae_ft_ema",
+    )
     config.model = ml_collections.ConfigDict(dict(name="DiT-XL/2", num_classes=1000, learn_sigma=True))
     config.diffusion.update(
         schedule="linear", num_timesteps=1000, prediction="eps", loss="hybrid", vlb_weight=0.001

@@ -16,8 +16,11 @@ close to 1, such that it does not have to be rescaled", Appendix D.1); decoding 
 What is missing to run it: (1) this codebase trains only the KL first stage (training.objective=
 'autoencode', models.autoencoder.AutoencoderKL, loaded by models.first_stage.FirstStage), so
 `latent.autoencoder_workdir` must hold a first-stage run it cannot produce, and the VQ-f4 weights
-(a download) are not here; (2) ImageNet is not prepared offline (`data.name='imagenet'` is not a
-registered dataset: building the data fails at once with the dataset error). A KL stand-in of the
+(a download) are not here; (2) ImageNet (`data.name='imagenet2012'`) must be placed by hand for tfds
+and prepared (`python -m diffusion_jax.data.prepare`), and its ~1.28M images reach a latent run through
+the latent cache (`python -m diffusion_jax.data.encode_latents`); the pipeline centre-crops where LDM
+takes a random crop (below). Building the config stops at (1), with the one-line error naming
+`latent.autoencoder_workdir`. A KL stand-in of the
 same latent shape would be LDM's kl-f4 (models/first_stage_models/kl-f4/config.yaml: an
 `autoencoder_kl` run with block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3,
 kl_weight 1e-6, disc_start 50001, disc_weight 0.5; Table 8: R-FID 0.27), with `latent.scale_factor
@@ -60,7 +63,7 @@ from diffusion_jax.config import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.data.update(name="imagenet", image_size=256, random_flip=False)
+    config.data.update(name="imagenet2012", image_size=256, random_flip=False)
     # The VQ-f4 first stage of the paper (see above); a workdir this codebase cannot produce.
     config.latent.update(autoencoder_workdir="runs/vq_f4_openimages", scale_factor=1.0)
     config.model.update(

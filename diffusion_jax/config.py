@@ -41,7 +41,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `latent` (`diffusion_jax.latent`): `autoencoder_workdir` (a `training.objective='autoencode'` run: the
   model is trained and sampled on s * z, z ~ q(z|x) of its frozen autoencoder; None: pixel space),
   `scale_factor` s (None: LDM's 1/std of the first batch's latents, then stored with the run),
-  `sample_posterior`.
+  `sample_posterior`, `cache_dir` (latents written once by `python -m diffusion_jax.data.encode_latents`,
+  read instead of encoding every batch; `data.latent_cache`; None: encode on the fly).
 - `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
   `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
@@ -147,7 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.latent = ml_collections.ConfigDict(
-        dict(autoencoder_workdir=placeholder(str), scale_factor=placeholder(float), sample_posterior=True)
+        dict(autoencoder_workdir=placeholder(str), scale_factor=placeholder(float), sample_posterior=True,
+             cache_dir=placeholder(str))
     )
     config.autoencode = ml_collections.ConfigDict(
         dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")

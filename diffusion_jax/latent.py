@@ -27,7 +27,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from diffusion_jax import data
+from diffusion_jax.data import latent_cache
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.autoencoder import DiagonalGaussian
 
 
 class FirstStage(NamedTuple):
@@ -39,10 +42,14 @@ class FirstStage(NamedTuple):
     image_shape: tuple[int, int, int]  # [H, W, C] pixels
     latent_shape: tuple[int, int, int]  # [H/f, W/f, c]
     workdir: str
+    step: int  # of the autoencoder's checkpoint
 
     def encode(self, images: jax.Array, key: jax.Array, sample_posterior: bool = True) -> jax.Array:
         """s · z with z ~ q(z|x) (or its mean): images [B, H, W, C] in [-1, 1] -> latents [B, h, w, c]."""
-        posterior = nnx.merge(self.graphdef, self.params).encode(images)
+        return self.latents(nnx.merge(self.graphdef, self.params).encode(images), key, sample_posterior)
+
+    def latents(self, posterior: DiagonalGaussian, key: jax.Array, sample_posterior: bool = True) -> jax.Array:
+        """s · z with z ~ `posterior` (or its mean): [B, h, w, c]."""
         z = posterior.sample(key) if sample_posterior else posterior.mode()
         return z * self._scale()
 
@@ -93,7 +100,8 @@ def load_first_stage(
         raise ConfigError(f"data.image_size: the autoencoder of {workdir} was trained on {loaded.example_shape} "
                           f"images; this run's are {tuple(image_shape)}")
     latent_shape = (height // f, width // f, autoencoder.latent_channels)
-    return FirstStage(graphdef, params, latent.get("scale_factor"), tuple(image_shape), latent_shape, str(workdir))
+    return FirstStage(graphdef, params, latent.get("scale_factor"), tuple(image_shape), latent_shape, str(workdir),
+                      loaded.step)
 
 
 def adopt_saved_scale_factor(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
@@ -115,11 +123,12 @@ def adopt_saved_scale_factor(config: ml_collections.ConfigDict, workdir: str | P
         checkpointer.close()
 
 
-def scale_factor_from_batch(first_stage: FirstStage, images: jax.Array, key: jax.Array) -> float:
-    """LDM's s = 1 / std(z) over the first batch's posterior samples z ~ q(z|x) (§4.3.2, Appendix D.1)."""
-    unit = first_stage._replace(scale_factor=1.0)
-    z = jax.jit(lambda params, x, k: unit._replace(params=params).encode(x, k))(unit.params, images, key)
-    return float(1.0 / np.std(np.asarray(jax.device_get(z)), dtype=np.float64))
+def scale_factor_from_data(
+    config: ml_collections.ConfigDict, first_stage: FirstStage, sharding: jax.sharding.Sharding, key: jax.Array
+) -> float:
+    """LDM's s = 1 / std(z) over the first training batch's posterior samples z ~ q(z|x) (§4.3.2, App. D.1)."""
+    batch = next(training_batches(config, first_stage._replace(scale_factor=1.0), sharding, 0, key))
+    return float(1.0 / np.std(np.asarray(jax.device_get(batch["image"])), dtype=np.float64))
 
 
 def decoding(sample_fn: Callable, first_stage: FirstStage) -> Callable:
@@ -134,14 +143,32 @@ def decoding(sample_fn: Callable, first_stage: FirstStage) -> Callable:
     return sample
 
 
-def encode_batches(
-    first_stage: FirstStage, batches: Iterator[dict[str, jax.Array]], key: jax.Array, start_step: int,
-    sample_posterior: bool = True,
+def training_batches(
+    config: ml_collections.ConfigDict, first_stage: FirstStage, sharding: jax.sharding.Sharding, start_step: int,
+    key: jax.Array,
 ) -> Iterator[dict[str, jax.Array]]:
-    """The batches with their images replaced by s · z (the rest, labels and tokens, as they are).
+    """The run's batches (`data.create_iterator`) with 'image' = s · z, z ~ q(z|x) of each image (labels and
+    tokens as they are): encoded on the fly, or drawn from the moments of `latent.cache_dir`.
 
-    The posterior sample of step s uses fold_in(key, s): a resumed run encodes exactly as before.
+    Both draw the posterior sample of step s with fold_in(key, s) over the whole global batch, so a resumed
+    run, and a cached run, see the same latents as an uninterrupted, encoding one.
     """
-    encode = jax.jit(lambda params, images, k: first_stage._replace(params=params).encode(images, k, sample_posterior))
-    for step, batch in enumerate(batches, start=start_step):
-        yield batch | {"image": encode(first_stage.params, batch["image"], jax.random.fold_in(key, step))}
+    latent = config.latent
+    sample_posterior = latent.get("sample_posterior", True)
+    cache = None
+    if latent.get("cache_dir") is not None:
+        cache = latent_cache.open_cache(latent.cache_dir, config, first_stage.workdir, first_stage.step,
+                                        first_stage.latent_shape)
+    batches = data.create_iterator(config.data, global_batch_size=config.training.batch_size, seed=config.seed,
+                                   start_step=start_step, sharding=sharding, latent_cache=cache)
+    if cache is None:
+        to_latents = jax.jit(lambda params, images, k: first_stage._replace(params=params).encode(
+            images, k, sample_posterior))
+        for step, batch in enumerate(batches, start=start_step):
+            yield batch | {"image": to_latents(first_stage.params, batch["image"], jax.random.fold_in(key, step))}
+    else:
+        from_moments = jax.jit(lambda moments, k: first_stage.latents(
+            DiagonalGaussian.from_moments(moments), k, sample_posterior))
+        for step, batch in enumerate(batches, start=start_step):
+            moments = batch.pop("moments")
+            yield batch | {"image": from_moments(moments, jax.random.fold_in(key, step))}

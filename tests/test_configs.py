@@ -7,6 +7,7 @@ from flax import nnx
 
 from diffusion_jax import data, models
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.training import experiment
 from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_apply, model_kwargs
 
 
@@ -77,8 +78,11 @@ def test_dit_xl2_imagenet256_is_peebles_and_xie_and_says_what_it_lacks():
     kwargs = {k: v for k, v in c.model.items() if k != "name"} | {"image_size": 32, "in_channels": 4}
     n = models.count_params(lambda: models.create(c.model.name, rngs=nnx.Rngs(0), **kwargs))
     assert round(n / 1e6) == 675  # Table 4
-    with pytest.raises(ConfigError, match="data.name"):  # the latent dataset is not here (see its docstring)
-        data.example_shape(c.data)
+    # SD-VAE latents of 256x256 images: 32x32x4 (f = 8), scaled by SD's 0.18215, read from the latent cache.
+    assert data.example_shape(c.data) == (256, 256, 3) and c.latent.scale_factor == 0.18215
+    assert c.latent.cache_dir is not None and c.latent.sample_posterior
+    with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: weights/sd-vae-ft-ema has no checkpoints/"):
+        experiment.build(c)  # the SD-VAE is imported by the weight converter (see its docstring)
 
 
 def test_ldm_cin256_is_rombach_et_al():
@@ -111,5 +115,5 @@ def test_ldm_cin256_is_rombach_et_al():
     assert abs(n - 400e6) < 0.01 * 400e6, n  # Tables 3 and 10: 400M, rounded (Table 15 prints 395M)
     validate_config(c, num_devices=8, num_processes=1)
     check_config(c, build_schedule(c), latent_shape)
-    with pytest.raises(ConfigError, match="data.name"):  # ImageNet is not here (see the docstring)
-        data.example_shape(c.data)
+    with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: .* has no checkpoints/"):
+        experiment.build(c)  # no VQ-f4 first stage here (see the docstring)

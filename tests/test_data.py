@@ -155,12 +155,25 @@ def test_example_shape_and_classes():
     assert num_classes(data_config(name="swiss_roll")) == 0
 
 
+def test_center_crop_keeps_the_aspect_and_takes_the_middle():
+    from diffusion_jax.data.pipeline import _center_crop
+
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255  # the middle third is white
+    out = _center_crop(wide, 4)  # halved to 10x30 (box), bicubic to 4x12, the middle 4x4
+    assert out.shape == (4, 4, 3) and out.dtype == np.uint8 and out.min() > 200  # a squashing resize: grey edges
+    tall = np.zeros((9, 5, 1), np.uint8)
+    tall[:2], tall[-2:] = 255, 255  # top and bottom bands fall outside the centre square
+    assert _center_crop(tall, 5).shape == (5, 5, 1) and _center_crop(tall, 5).max() < 255
+
+
 def test_unknown_dataset_names_the_field_and_choices(sharding):
     with pytest.raises(ValueError, match="data.name") as info:
         create_iterator(data_config(name="mnist"), global_batch_size=8, seed=0, start_step=0, sharding=sharding)
-    for name in ("digits", "cifar10", "swiss_roll", "eight_gaussians", "two_moons"):
+    names = ("digits", "cifar10", "imagenet2012", "swiss_roll", "eight_gaussians", "two_moons")
+    for name in names:
         assert name in str(info.value)
-    assert set(DATASETS) == {"digits", "cifar10", "swiss_roll", "eight_gaussians", "two_moons"}
+    assert set(DATASETS) == set(names)
 
 
 def test_bad_batch_size_names_training_batch_size(sharding):

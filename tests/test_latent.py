@@ -3,12 +3,15 @@ diffusion run on its frozen latents with text cross-attention; and the one-line 
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_digits_config
 
 import diffusion_jax as dj
 from diffusion_jax import latent
+from diffusion_jax.data import latent_cache
+from diffusion_jax.data.encode_latents import encode_latents
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.evaluate import evaluate
 from diffusion_jax.sample import sample
@@ -69,7 +72,9 @@ def latent_config(data_dir: str, ae_workdir):
     return config
 
 
-def test_latent_diffusion_trains_on_scaled_latents_and_samples_pixels(first_stage_run, digits_data_dir, tmp_path):
+def test_latent_diffusion_trains_on_scaled_latents_and_samples_pixels(
+    first_stage_run, digits_data_dir, latent_cache_dir, tmp_path
+):
     ae_workdir, _ = first_stage_run
     config = latent_config(digits_data_dir, ae_workdir)
     exp = experiment.build(config)
@@ -87,8 +92,55 @@ def test_latent_diffusion_trains_on_scaled_latents_and_samples_pixels(first_stag
     assert np.load(npz)["arr_0"].shape == (8, 8, 8, 1)
     again = latent_config(digits_data_dir, ae_workdir)
     again.training.num_steps = 3
+    again.latent.cache_dir = str(latent_cache_dir)  # resumed on cached latents (written with flips)
     assert int(train(again, tmp_path).step) == 3
     assert not (tmp_path / "config_history.jsonl").read_text().count("scale_factor")
+
+
+@pytest.fixture(scope="module")
+def latent_cache_dir(first_stage_run, digits_data_dir, tmp_path_factory):
+    """The latents of the digits' train split, with their mirrors, written in two sittings (a resume)."""
+    config = latent_config(digits_data_dir, first_stage_run[0])
+    config.data.random_flip = True
+    out = tmp_path_factory.mktemp("latents")
+    encode_latents(config, out, batch_size=512)
+    meta = latent_cache.read_meta(out)
+    moments = np.load(out / latent_cache.MOMENTS).copy()
+    stopped = np.load(out / latent_cache.MOMENTS, mmap_mode="r+")  # as if stopped after the first chunk
+    stopped[512:] = 0
+    stopped.flush()
+    latent_cache.write_meta(out, meta | {"encoded": 512})
+    with pytest.raises(ConfigError, match=r"^latent.cache_dir: .* is unfinished \(512 of \d+ examples encoded\)"):
+        latent_cache.open_cache(out, config, str(first_stage_run[0]), 3, (4, 4, 2))
+    encode_latents(config, out, batch_size=512)  # continues from row 512
+    np.testing.assert_array_equal(np.load(out / latent_cache.MOMENTS), moments)
+    assert meta["num_examples"] > 1024 and moments.shape == (meta["num_examples"], 2, 4, 4, 4)
+    return out
+
+
+def test_cached_latents_are_the_latents_encoded_on_the_fly(first_stage_run, digits_data_dir, latent_cache_dir):
+    config = latent_config(digits_data_dir, first_stage_run[0])
+    config.data.random_flip = True
+    exp = experiment.build(config)
+    first_stage, key = exp.first_stage._replace(scale_factor=0.5), jax.random.key(3)
+    fly = latent.training_batches(config, first_stage, exp.batch_sharding, 7, key)
+    config.latent.cache_dir = str(latent_cache_dir)
+    cached = latent.training_batches(config, first_stage, exp.batch_sharding, 7, key)
+    for _ in range(2):  # steps 7 and 8: the same examples, flips, captions and posterior samples
+        a, b = next(fly), next(cached)
+        assert sorted(a) == sorted(b) == ["image", "label", "token_mask", "tokens"]
+        np.testing.assert_allclose(np.asarray(a["image"]), np.asarray(b["image"]), atol=1e-5)
+        for k in ("label", "tokens"):
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+
+    config.data.image_size = 16
+    with pytest.raises(ConfigError, match=r"^data.image_size: the latent cache at .* holds 8, this run has 16"):
+        latent_cache.open_cache(latent_cache_dir, config, str(first_stage_run[0]), 3, (8, 8, 2))
+    with pytest.raises(ConfigError, match=r"^latent.cache_dir: no latent cache at .*nowhere \(no meta.json\); write"):
+        latent_cache.open_cache(latent_cache_dir / "nowhere", config, str(first_stage_run[0]), 3, (8, 8, 2))
+    config.data.image_size = 8
+    with pytest.raises(ConfigError, match=r"^--out: .* holds a latent cache with --dtype = 'float32', not .*'float16'"):
+        encode_latents(config, latent_cache_dir, dtype="float16")
 
 
 def test_bad_latent_setups_are_one_line_errors(first_stage_run, digits_data_dir, tmp_path):

@@ -16,7 +16,7 @@ builds the batches ahead of the training loop.
 Toy 2-D datasets sample each step's batch from a generator seeded by (seed, step).
 
 Config fields (`data.*`, all optional except `name`):
-  name          'digits' | 'cifar10' | 'swiss_roll' | 'eight_gaussians' | 'two_moons'
+  name          'digits' | 'cifar10' | 'imagenet2012' | 'swiss_roll' | 'eight_gaussians' | 'two_moons'
   image_size    side of the square images after resizing (default: the dataset's own,
                 16 for digits, 32 for cifar10); resizing is PIL bilinear on uint8,
                 so the data stay on the 256-level grid that bits/dim assumes
@@ -48,6 +48,7 @@ from PIL import Image
 
 from diffusion_jax.data import captions, toy
 from diffusion_jax.data.digits import prepare_digits
+from diffusion_jax.data.latent_cache import LatentCache
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.registry import Registry
 
@@ -64,6 +65,7 @@ class ImageDataset:
     image_size: int  # default side of the square images (data.image_size)
     channels: int
     num_classes: int
+    center_crop: bool = False  # images of any aspect: ADM's centre crop (`_center_crop`), not a squashing resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,11 @@ def _open_tfds(name: str) -> Callable[[str, str], Sequence[dict[str, Any]]]:
 # Digits are stored at 8×8; they are upsampled to 16×16 by default.
 DATASETS.register("digits")(ImageDataset(_open_digits, image_size=16, channels=1, num_classes=10))
 DATASETS.register("cifar10")(ImageDataset(_open_tfds("cifar10"), image_size=32, channels=3, num_classes=10))
+# ImageNet (tfds needs the ILSVRC2012 tar files placed by hand; `prepare.py`): 1.28M images too many
+# to hold as pixels, so latent runs read it from a cache (`encode_latents`), which streams it once.
+DATASETS.register("imagenet2012")(
+    ImageDataset(_open_tfds("imagenet2012"), image_size=256, channels=3, num_classes=1000, center_crop=True)
+)
 for _name in toy.DISTRIBUTIONS:
     DATASETS.register(_name)(ToyDataset(toy.DISTRIBUTIONS.get(_name)))
 
@@ -189,17 +196,48 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return resized.reshape(size, size, image.shape[-1])
 
 
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """ADM's `center_crop_arr` (Dhariwal & Nichol 2021; DiT and LDM's ImageNet preprocessing): halve with
+    box filtering while the short side is ≥ 2·size, resize bicubically to a short side of `size`, then
+    crop the centre square; uint8 [H, W, C] -> [size, size, C]."""
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), Image.Resampling.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), Image.Resampling.BICUBIC)
+    array = np.asarray(pil).reshape(pil.size[1], pil.size[0], image.shape[-1])
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def open_split(data_config: Any, split: str | None = None) -> tuple[ImageDataset, Sequence[dict[str, Any]]]:
+    """The image dataset of `data.name` and its split (default `data.split` or 'train') as a tfds source."""
+    dataset = DATASETS.get(data_config.get("name"))
+    if isinstance(dataset, ToyDataset):
+        raise ConfigError(f"data.name={data_config.get('name')!r} is 2-D toy data, which has no images")
+    return dataset, dataset.open(data_dir(data_config), split or data_config.get("split") or "train")
+
+
+def decode_examples(
+    dataset: ImageDataset, data_config: Any, source: Sequence[dict[str, Any]], indices: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Examples `indices` of `source` decoded and brought to `data.image_size`: uint8 images
+    [n, S, S, C] and int32 labels [n]."""
+    size = _image_size(data_config, dataset)
+    fit = _center_crop if dataset.center_crop else _resize
+    images = np.empty((len(indices), size, size, dataset.channels), np.uint8)
+    labels = np.empty(len(indices), np.int32)
+    for row, i in enumerate(indices):
+        example = source[int(i)]
+        images[row] = fit(np.asarray(example["image"]), size)
+        labels[row] = example["label"]
+    return images, labels
+
+
 def _load_split(dataset: ImageDataset, data_config: Any, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The whole split, decoded and resized: uint8 images [N, S, S, C] and int32 labels [N]."""
-    size = _image_size(data_config, dataset)
-    source = dataset.open(data_dir(data_config), split or data_config.get("split") or "train")
-    images = np.empty((len(source), size, size, dataset.channels), np.uint8)
-    labels = np.empty(len(source), np.int32)
-    for i in range(len(source)):
-        example = source[i]
-        images[i] = _resize(np.asarray(example["image"]), size)
-        labels[i] = example["label"]
-    return images, labels
+    _, source = open_split(data_config, split)
+    return decode_examples(dataset, data_config, source, range(len(source)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,28 +274,43 @@ def _image_dataset(
     global_batch_size: int,
     start: int,
     stop: int,
+    cache: LatentCache | None = None,
 ) -> grain.IterDataset:
     """This process's rows [start, stop) of the global batches from `start_step` on.
 
     Global batch s holds stream positions [s·B, (s+1)·B) of the example stream, which
-    visits the split (held in memory) in a new random order every epoch; each batch is
-    one vectorised gather. Flips are drawn for the whole global batch from
-    default_rng([seed, 1, s]), so an example's flip depends on (seed, step, row) only.
+    visits the split (held in memory, or memory-mapped from a latent `cache`) in a new
+    random order every epoch; each batch is one vectorised gather. Flips are drawn for the
+    whole global batch from default_rng([seed, 1, s]), so an example's flip depends on
+    (seed, step, row) only; from a cache, a flip reads the mirrored image's moments.
     grain runs the steps in a reader thread and keeps `data.prefetch` batches ready.
     """
-    images, labels = _load_split(dataset, data_config)
+    if cache is None:
+        images, labels = _load_split(dataset, data_config)
+        caption_levels = _caption_levels(data_config, images, labels)
+    else:
+        images, labels, caption_levels = cache.moments, cache.labels, cache.caption_levels
+        if data_config.get("captions", False) and caption_levels is None:
+            raise ConfigError(f"data.captions: the latent cache at {cache.directory} has no caption levels "
+                              f"(only digits caches do)")
     random_flip = data_config.get("random_flip", False)
-    caption_levels = _caption_levels(data_config, images, labels)
     rows = np.arange(start, stop)
 
     def make_batch(step: int) -> dict[str, np.ndarray]:
         indices = _example_indices(seed, len(images), step * global_batch_size + rows)
-        image = images[indices]
+        flip = np.zeros(stop - start, bool)
         if random_flip:
             flip_rng = np.random.default_rng([seed, _FLIP, step])
             flip = flip_rng.random(global_batch_size)[start:stop] < 0.5
+        if cache is None:
+            image = images[indices]
             image[flip] = image[flip, :, ::-1]
-        batch = {"image": image.astype(np.float32) / 127.5 - 1.0, "label": labels[indices]}
+            batch = {"image": image.astype(np.float32) / 127.5 - 1.0, "label": labels[indices]}
+        else:
+            order = np.argsort(indices, kind="stable")  # a memmap reads sorted rows fastest
+            moments = np.empty((len(indices), *images.shape[2:]), np.float32)
+            moments[order] = images[indices[order], flip[order].astype(np.intp)]
+            batch = {"moments": moments, "label": labels[indices]}
         if caption_levels is not None:
             texts = [
                 captions.caption(int(labels[i]), caption_levels[i], np.random.default_rng([seed, _CAPTION, step, row]))
@@ -295,6 +348,7 @@ def create_iterator(
     seed: int,
     start_step: int = 0,
     sharding: NamedSharding,
+    latent_cache: LatentCache | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Global batches for steps `start_step`, `start_step + 1`, ... (an endless iterator).
 
@@ -304,11 +358,14 @@ def create_iterator(
       seed: non-negative; with the step it fixes each batch's examples and flips.
       start_step: the step of the first batch; resuming a run passes its restored step.
       sharding: where batches go; only its batch-axis entry (e.g. P('data')) is used.
+      latent_cache: an opened `latent.cache_dir` (`latent_cache.open_cache`): the same examples
+        and flips, read as latent moments instead of decoded pixels.
 
     Yields:
       {'image': float32 [B, *example_shape(data_config)] in [-1, 1] for images
       (2-D points for toy data), 'label': int32 [B] (zeros for toy data)}, each a
-      `jax.Array` sharded over the batch axis.
+      `jax.Array` sharded over the batch axis; from a latent cache 'moments' float32
+      [B, h, w, 2c] (mean, then logvar of q(z|x)) in place of 'image'.
     """
     dataset = DATASETS.get(data_config.get("name"))
     if seed < 0:
@@ -319,7 +376,7 @@ def create_iterator(
     if isinstance(dataset, ToyDataset):
         local = _toy_batches(dataset, seed, start_step, global_batch_size, start, stop)
     else:
-        local = _image_dataset(dataset, data_config, seed, start_step, global_batch_size, start, stop)
+        local = _image_dataset(dataset, data_config, seed, start_step, global_batch_size, start, stop, latent_cache)
     return _to_global(local, batch_sharding, global_batch_size)
 
 

@@ -144,10 +144,8 @@ def _latent_scale(config: ml_collections.ConfigDict, exp: experiment.Experiment)
     if exp.first_stage.scale_factor is not None:
         return exp
     if config.latent.scale_factor is None:
-        first = next(data.create_iterator(config.data, global_batch_size=config.training.batch_size,
-                                          seed=config.seed, start_step=0, sharding=exp.batch_sharding))
-        config.latent.scale_factor = latent.scale_factor_from_batch(
-            exp.first_stage, first["image"], jax.random.fold_in(exp.root_key, 4)
+        config.latent.scale_factor = latent.scale_factor_from_data(
+            config, exp.first_stage, exp.batch_sharding, jax.random.fold_in(exp.root_key, 5)
         )
         logging.info("Latent scale factor 1/std(z) of the first batch: %.5f (stored as latent.scale_factor)",
                      config.latent.scale_factor)
@@ -223,13 +221,14 @@ def _run(
         num_params / 1e6, jax.device_count(), jax.process_count(), dict(exp.mesh.shape),
         mesh_lib.describe(exp.state_shardings, state),
     )
-    batches = data.create_iterator(
-        config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
-        sharding=exp.batch_sharding,
-    )
-    if exp.first_stage is not None:  # latent diffusion: the denoiser trains on s * z, z ~ q(z|x)
-        batches = latent.encode_batches(exp.first_stage, batches, jax.random.fold_in(exp.root_key, 5), start_step,
-                                        config.latent.get("sample_posterior", True))
+    if exp.first_stage is None:
+        batches = data.create_iterator(
+            config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
+            sharding=exp.batch_sharding,
+        )
+    else:  # latent diffusion: the denoiser trains on s * z, z ~ q(z|x)
+        batches = latent.training_batches(config, exp.first_stage, exp.batch_sharding, start_step,
+                                          jax.random.fold_in(exp.root_key, 5))
     first_batch = next(batches)
     train_step, compile_seconds, step_flops = throughput.compile_step(
         experiment.jit_train_step(exp, config), state, first_batch
