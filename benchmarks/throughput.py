@@ -168,6 +168,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from diffusion_jax import objectives
     from diffusion_jax.samplers import ddim_sample
     from diffusion_jax.training import optimizer
     from diffusion_jax.training import state as state_lib
@@ -189,7 +190,8 @@ def main(argv=None) -> None:
     elif args.mode == "train":
         tx = optimizer.make_optimizer(config.optim, 1000)
         lr = optimizer.learning_rate_schedule(config.optim, 1000)
-        fn = jax.jit(make_train_step(graphdef, schedule, tx, lr, config), donate_argnums=0)
+        objective = objectives.build(config, graphdef, schedule, shape)
+        fn = jax.jit(make_train_step(graphdef, objective, tx, lr, config), donate_argnums=0)
         batch_dict = {"image": x, "label": labels if labels is not None else jnp.zeros((batch,), jnp.int32)}
         call_args = (state_lib.create(params, tx, 0, jax.random.key(2)), batch_dict)
     else:

@@ -235,8 +235,9 @@ def autoencoder_loss(
 
     Returns:
         (loss [], aux) with aux = {'rec': L_rec, 'kl': L_KL, 'g_adv': L_adv, 'd_weight': the
-        adaptive weight (before disc_weight), 'disc_factor': disc_factor(step)}, all scalars, so
-        that loss = rec + kl_weight * kl + disc_factor * d_weight * g_adv.
+        adaptive weight (before disc_weight), 'disc_factor': disc_factor(step)}, scalars such
+        that loss = rec + kl_weight * kl + disc_factor * d_weight * g_adv, and 'reconstruction' x~
+        [B, H, W, C] (for the discriminator's loss, which LDM computes on a second forward pass).
     """
     x = _images(batch)
 
@@ -245,28 +246,30 @@ def autoencoder_loss(
         rec = jnp.mean(reconstruction_loss(x, x_rec, rec_kind, reduction=pixel_reduction))
         kl = kl_loss(posterior)
         zero = jnp.zeros((), jnp.float32)
-        aux = {"rec": rec, "kl": kl, "g_adv": zero, "d_weight": zero, "disc_factor": zero}
+        aux = {"rec": rec, "kl": kl, "g_adv": zero, "d_weight": zero, "disc_factor": zero, "reconstruction": x_rec}
         return rec + kl_weight * kl, aux
 
     disc_graphdef, disc_params = discriminator
 
-    def forward(last_kernel: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-        """(L_rec, L_adv) as functions of the decoder's last kernel, with L_KL as aux."""
+    def forward(last_kernel: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """(L_rec, L_adv) as functions of the decoder's last kernel, with (L_KL, x~) as aux."""
         x_rec, posterior = reconstruct(
             _replace_param(params, LAST_LAYER, last_kernel), graphdef, x, key, sample_posterior=sample_posterior
         )
         rec = jnp.mean(reconstruction_loss(x, x_rec, rec_kind, reduction=pixel_reduction))
         logits_fake = nnx.merge(disc_graphdef, disc_params)(x_rec)  # [B, h, w, 1]
-        return (rec, generator_adversarial_loss(logits_fake)), kl_loss(posterior)
+        return (rec, generator_adversarial_loss(logits_fake)), (kl_loss(posterior), x_rec)
 
-    (rec, g_adv), pullback, kl = jax.vjp(forward, _get_param(params, LAST_LAYER), has_aux=True)
+    (rec, g_adv), pullback, (kl, x_rec) = jax.vjp(forward, _get_param(params, LAST_LAYER), has_aux=True)
     one, zero = jnp.ones_like(rec), jnp.zeros_like(rec)
     (grad_rec,) = pullback((one, zero))  # d L_rec / d W_L
     (grad_gan,) = pullback((zero, one))  # d L_adv / d W_L
     d_weight = adaptive_weight(grad_rec, grad_gan)
     disc_factor = adopt_weight(disc_weight, step, disc_start)
     loss = rec + kl_weight * kl + disc_factor * d_weight * g_adv
-    return loss, {"rec": rec, "kl": kl, "g_adv": g_adv, "d_weight": d_weight, "disc_factor": disc_factor}
+    aux = {"rec": rec, "kl": kl, "g_adv": g_adv, "d_weight": d_weight, "disc_factor": disc_factor,
+           "reconstruction": x_rec}
+    return loss, aux
 
 
 def discriminator_loss(

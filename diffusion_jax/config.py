@@ -21,7 +21,7 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
   alone; both need `model.learn_sigma=True`), `vlb_weight` (lambda, 0.001), `timestep_sampling` ('uniform' |
   'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb').
-- `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine),
+- `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine | linear),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
   `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
@@ -30,7 +30,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   with one line naming the step, the space it needed and had, and the newest intact step; 'retry': log that
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
-  `objective` ('denoise': the diffusion loss; 'classify': train a noise-aware classifier
+  `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'distill': progressive distillation
+  (`distill` below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
   `label_dropout` (conditional models: the probability of training on the whole null condition (null label,
   empty caption; `conditioning.drop`) instead, which
@@ -43,6 +44,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `scale_factor` s (None: LDM's 1/std of the first batch's latents, then stored with the run),
   `sample_posterior`, `cache_dir` (latents written once by `python -m diffusion_jax.data.encode_latents`,
   read instead of encoding every batch; `data.latent_cache`; None: encode on the fly).
+- `distill` (`training.objective='distill'`: progressive distillation, `distill.progressive`):
+  `teacher_workdir` (a trained diffusion run with this config's `model` and schedule; its `sample.ema_decay`
+  parameters), `teacher_steps` (the DDIM steps the first teacher takes, a power of two; round r's student
+  takes teacher_steps / 2^(r+1), sampled with `sample.spacing='trailing'`), `rounds`, `steps_per_round`
+  (`training.num_steps` ≤ rounds × steps_per_round), `weighting` ('truncated_snr' | 'snr_plus_one').
 - `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
   `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
@@ -150,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.latent = ml_collections.ConfigDict(
         dict(autoencoder_workdir=placeholder(str), scale_factor=placeholder(float), sample_posterior=True,
              cache_dir=placeholder(str))
+    )
+    config.distill = ml_collections.ConfigDict(
+        dict(teacher_workdir=placeholder(str), teacher_steps=placeholder(int), rounds=placeholder(int),
+             steps_per_round=placeholder(int), weighting="truncated_snr")
     )
     config.autoencode = ml_collections.ConfigDict(
         dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")

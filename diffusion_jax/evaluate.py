@@ -298,6 +298,7 @@ class Evaluator:
             evaluator = digits.default_evaluator()
             scalars["digits_fid"] = evaluator.fid(images)
             scalars["digits_is"] = evaluator.inception_score(images)
+            scalars["digits_class_entropy"] = evaluator.class_entropy(images)
             protocol["digits"] = {
                 "classifier": digits.VERSION,
                 "reference": f"digits/train ({evaluator.reference.num} images, shipped with the classifier)",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_digits_config
 
-from diffusion_jax import conditioning, guidance
+from diffusion_jax import conditioning, guidance, objectives
 from diffusion_jax.metrics import digits
 from diffusion_jax.training import experiment, optimizer
 from diffusion_jax.training import state as state_lib
@@ -37,11 +37,12 @@ def test_the_train_step_feeds_the_network_null_labels_at_training_label_dropout(
         jax.debug.callback(lambda c: seen.append(np.asarray(c)), cond)
         return x * params["conv_in"]["kernel"].sum()  # a network that depends on its parameters
 
-    monkeypatch.setattr(step_lib, "model_apply", recording_apply)
+    monkeypatch.setattr(objectives, "model_apply", recording_apply)
     graphdef, init = build_model(config, (8, 8, 1))
     tx = optimizer.make_optimizer(config.optim, 4)
     state = state_lib.create(init(jax.random.key(0)), tx, len(config.training.ema_decays), jax.random.key(1))
-    train_step = jax.jit(step_lib.make_train_step(graphdef, build_schedule(config), tx, lambda s: 1e-3, config))
+    objective = objectives.build(config, graphdef, build_schedule(config), (8, 8, 1))
+    train_step = jax.jit(step_lib.make_train_step(graphdef, objective, tx, lambda s: 1e-3, config))
     labels = jnp.arange(4096, dtype=jnp.int32) % 10
     batch = {"image": jnp.zeros((4096, 8, 8, 1)), "label": labels}
     jax.block_until_ready(train_step(state, batch))

@@ -117,3 +117,27 @@ def test_ldm_cin256_is_rombach_et_al():
     check_config(c, build_schedule(c), latent_shape)
     with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: .* has no checkpoints/"):
         experiment.build(c)  # no VQ-f4 first stage here (see the docstring)
+
+
+def test_pd_configs_distill_their_teachers_network_in_halving_rounds():
+    from diffusion_jax.distill import progressive
+    from diffusion_jax.validation import validate_config
+
+    digits, teacher = load_config("pd_digits"), load_config("ddpm_digits")
+    assert digits.model == teacher.model and digits.data == teacher.data  # the student is ddpm_digits' U-Net
+    assert (digits.diffusion.prediction, digits.diffusion.schedule) == ("v", "cosine")  # its README command line
+    c = load_config("pd_cifar")
+    for config, final_steps in ((digits, 4), (c, 4)):
+        d = config.distill
+        progressive.check_rounds(d.teacher_steps, d.rounds, d.steps_per_round, config.diffusion.num_timesteps,
+                                 config.training.num_steps)
+        assert d.teacher_steps >> d.rounds == final_steps == config.sample.steps
+        assert (config.sample.sampler, config.sample.spacing, config.training.ema_decays) == ("ddim", "trailing", ())
+        validate_config(config, num_devices=8, num_processes=1)
+    m = c.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions), m.dropout) == (256, (1, 1, 1), 3,
+                                                                                               (16, 8), 0.0)
+    assert (c.diffusion.prediction, c.distill.teacher_steps, c.distill.steps_per_round) == ("x0", 8192, 50_000)
+    assert (c.optim.learning_rate, c.optim.schedule, c.training.batch_size) == (5e-5, "linear", 128)
+    with pytest.raises(ConfigError, match=r"^distill.teacher_workdir: runs/cifar_teacher has no checkpoints/"):
+        experiment.build(c)

@@ -121,6 +121,13 @@ def test_class_accuracy_of_true_and_permuted_labels(test_split):
     assert digits.class_accuracy(images, permuted) < 0.3
 
 
+def test_class_entropy_is_high_for_the_test_split_and_zero_for_one_digit(test_split):
+    images, labels = test_split[16]
+    evaluator = digits.default_evaluator()
+    assert evaluator.class_entropy(images) > 0.99 * np.log(10)  # the test split is class-balanced
+    assert evaluator.class_entropy(images[labels == 3]) < 0.1  # one digit: (almost) one class
+
+
 def test_training_is_deterministic(digits_data_dir):
     """Two short runs give bit-identical weights; another seed gives other weights, and training moves them."""
     images, labels = load_digits_split(digits_data_dir, "train")

@@ -52,6 +52,7 @@ def test_eval_mode_writes_metrics_with_their_protocol(digits_data_dir, trained_w
     assert 0 < metrics["vlb_bpd_prior"] < metrics["vlb_bpd"] < 20
     assert 0 < metrics["ode_bpd"] < 20
     assert metrics["digits_fid"] > 0 and 1.0 <= metrics["digits_is"] <= 10.0
+    assert 0.0 <= metrics["digits_class_entropy"] <= np.log(10.0) + 1e-6
     assert protocol["checkpoint_step"] == 4 and protocol["params"] == "EMA 0.99"
     assert protocol["likelihood_data"] == {
         "split": "test", "num_examples": 12, "batch_size": 8, "levels": 256, "scaling": "uint8 / 127.5 - 1"

@@ -150,7 +150,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path, digits_data_dir
 def test_nonfinite_step_leaves_params_and_optimizer_untouched(digits_data_dir):
     config = tiny_digits_config(digits_data_dir)
     exp = experiment.build(config)
-    step = jax.jit(make_train_step(exp.graphdef, exp.schedule, exp.tx, exp.lr_schedule, config))
+    step = jax.jit(make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config))
     batch = {"image": jnp.full((16, 8, 8, 1), jnp.nan), "label": jnp.zeros(16, jnp.int32)}
     state = exp.init_state()
     new, metrics = step(state, batch)

@@ -14,7 +14,9 @@ weights, the train split's feature statistics and its test accuracy to the packa
   the classifier's 10 logits (`stats.inception_score`); between 1 and 10, highest for
   confident and class-balanced samples.
 - class accuracy (`class_accuracy`): how often the classifier names the class a
-  conditional sample was asked for.
+  conditional sample was asked for;
+- class entropy (`class_entropy`): the entropy of the predicted classes' histogram, ln 10 for
+  samples spread evenly over the ten digits.
 
 Inputs are batches [N, S, S, 1] of square greyscale images of any side S >= 8, either
 uint8 in 0..255 (the `samples_<step>.npz` layout) or float in [-1, 1] (what samplers
@@ -301,6 +303,13 @@ class DigitsEvaluator:
     def inception_score(self, images: np.ndarray | jax.Array, num_splits: int = 1) -> float:
         """The Inception-Score analogue exp E KL(p(y|x) || p(y)) in [1, 10]: the mean over `num_splits` splits."""
         return stats.inception_score(self.logits(images), num_splits)[0]
+
+    def class_entropy(self, images: np.ndarray | jax.Array) -> float:
+        """The entropy in nats of the predicted classes' histogram, in [0, ln 10 = 2.303]: how evenly samples
+        cover the ten digits (a sampler that collapses onto a few modes scores low)."""
+        counts = np.bincount(np.argmax(self.logits(images), axis=1), minlength=NUM_CLASSES)
+        p = counts[counts > 0] / counts.sum()
+        return float(-np.sum(p * np.log(p)))
 
     def class_accuracy(self, images: np.ndarray | jax.Array, labels: np.ndarray | jax.Array) -> float:
         """The fraction of images [N, S, S, 1] whose predicted class equals `labels` (int [N], 0..9)."""

@@ -1,15 +1,17 @@
 """Everything a run is built from, shared by the train and sample modes."""
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import data, latent, loading, vlb
+from diffusion_jax import data, latent, loading, objectives, vlb
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
@@ -35,6 +37,7 @@ class Experiment(NamedTuple):
     batch_sharding: NamedSharding  # batches split over ('data', 'fsdp')
     sample_fn: SampleFn  # decodes to pixels in a latent run (`with_scale_factor`)
     root_key: jax.Array
+    objective: objectives.Objective  # the loss of `training.objective` (`objectives.build`)
     first_stage: latent.FirstStage | None = None  # the frozen autoencoder of a latent diffusion run
 
 
@@ -57,34 +60,41 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     root_key = jax.random.key(config.seed)
     graphdef, init_params = build_model(config, example_shape)
     check_config(config, schedule, example_shape)
+    objective = objectives.build(config, graphdef, schedule, example_shape)  # a teacher is loaded here
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    tx = optimizer.make_optimizer(config.optim, config.training.num_steps)
+    horizon = objective.lr_horizon or config.training.num_steps  # an objective may restart the optimiser
+    tx = optimizer.make_optimizer(config.optim, horizon)
+    base_lr = optimizer.learning_rate_schedule(config.optim, horizon)
     importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
     num_timesteps = schedule.num_timesteps
 
-    def create_state() -> state_lib.TrainState:
-        params = init_params(jax.random.fold_in(root_key, 0))
+    def create_state(teacher: nnx.State | None) -> state_lib.TrainState:
+        # A distillation student starts as its teacher (a copy: the state's buffers are donated).
+        params = init_params(jax.random.fold_in(root_key, 0)) if teacher is None else jax.tree.map(jnp.copy, teacher)
         history = vlb.TimestepHistory.create(num_timesteps) if importance else None
-        return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history)
+        return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
+                                teacher)
 
-    abstract = jax.eval_shape(create_state)
+    abstract = jax.eval_shape(create_state, objective.teacher)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
+    teacher = None if objective.teacher is None else jax.device_put(objective.teacher, shardings.teacher)
     exp = Experiment(
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
-        init_state=jax.jit(create_state, out_shardings=shardings),
+        init_state=functools.partial(jax.jit(create_state, out_shardings=shardings), teacher),
         abstract_state=jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         ),
         state_shardings=shardings,
         tx=tx,
-        lr_schedule=optimizer.learning_rate_schedule(config.optim, config.training.num_steps),
+        lr_schedule=base_lr if objective.lr_horizon is None else lambda step: base_lr(step % horizon),
         mesh=mesh,
         replicated=mesh_lib.replicated(mesh),
         batch_sharding=batch_sharding,
         sample_fn=make_sample_fn(graphdef, schedule, config, example_shape, batch_sharding),
         root_key=root_key,
+        objective=objective,
         first_stage=None if first_stage is None else first_stage._replace(scale_factor=None),
     )
     if first_stage is not None and first_stage.scale_factor is not None:
@@ -105,7 +115,7 @@ def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callab
     """The train step of `config`, jitted for `exp`'s mesh: the state keeps its shardings (donated, so
     updated in place), the batch arrives split over ('data', 'fsdp'), the metrics come back replicated."""
     return jax.jit(
-        make_train_step(exp.graphdef, exp.schedule, exp.tx, exp.lr_schedule, config),
+        make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, exp.replicated),
         donate_argnums=0,

@@ -246,10 +246,7 @@ def _run(
     metrics = _Metrics(training.on_nonfinite)
     sample_key = jax.random.fold_in(exp.root_key, 2)
     classify = training.get("objective", "denoise") == "classify"  # a classifier has no samples to draw
-    shown = {
-        "classify": ("loss", "accuracy", "grad_norm", "mfu"),
-        "autoencode": ("loss", "rec", "kl", "d_loss", "psnr", "images_per_sec"),
-    }.get(training.get("objective"), ("loss", "grad_norm", "images_per_sec", "mfu"))
+    shown = exp.objective.shown
     last_saved = checkpointer.latest_step()
     started = time.perf_counter()
 

@@ -192,9 +192,9 @@ def state_shardings(
 ) -> Any:
     """NamedShardings for every leaf of a TrainState (arrays or ShapeDtypeStructs).
 
-    params and each EMA follow `mesh.param_rules`; the optimiser's parameter-shaped trees (Adam's
-    moments) follow the parameters; every other leaf (step, key, counters, the timestep history)
-    is replicated.
+    params, each EMA and a distillation teacher follow `mesh.param_rules`; the optimiser's
+    parameter-shaped trees (Adam's moments) follow the parameters; every other leaf (step, key,
+    counters, the timestep history) is replicated.
     """
     mesh_config = mesh_config or {}
     rules = mesh_config.get("param_rules", ((".*", "fsdp"),))
@@ -206,7 +206,8 @@ def state_shardings(
         tx, lambda _, sharding: sharding, state.opt_state, params,
         transform_non_params=lambda _: replicated(mesh),
     )
-    return everything.replace(params=params, ema_params=tuple(params for _ in state.ema_params), opt_state=opt_state)
+    return everything.replace(params=params, ema_params=tuple(params for _ in state.ema_params), opt_state=opt_state,
+                              teacher=None if state.teacher is None else params)
 
 
 def describe(shardings: Any, state: Any) -> str:

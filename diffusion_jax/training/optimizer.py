@@ -6,17 +6,20 @@ import optax
 from diffusion_jax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 over `optim.warmup_steps` (Ho et al. use 5000), then
-    constant or cosine decay to 0 at `num_steps` (`optim.schedule`)."""
+    constant, or cosine or linear decay to 0 at `num_steps` (`optim.schedule`)."""
     warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+    decay_steps = max(num_steps - optim.warmup_steps, 1)
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.learning_rate)
     elif optim.schedule == "cosine":
-        after = optax.cosine_decay_schedule(optim.learning_rate, max(num_steps - optim.warmup_steps, 1))
+        after = optax.cosine_decay_schedule(optim.learning_rate, decay_steps)
+    elif optim.schedule == "linear":
+        after = optax.linear_schedule(optim.learning_rate, 0.0, decay_steps)
     else:
         raise ConfigError(
             f"optim.schedule: unknown schedule {optim.schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}"

@@ -13,7 +13,8 @@ from diffusion_jax.vlb import TimestepHistory
 @struct.dataclass
 class TrainState:
     """step, params, EMA params (one per decay), optimiser state and the run's base key, and with
-    improved DDPM's importance-sampled L_vlb the history of each L_t (`timestep_history`, else None).
+    improved DDPM's importance-sampled L_vlb the history of each L_t (`timestep_history`, else None),
+    and a distillation's frozen teacher (`teacher`, the objective's `Objective.teacher`, else None).
 
     Per-step randomness is `fold_in(key, step)` (as in VDM and big_vision), so the
     state needs no RNG updates and a restored run draws the same numbers.
@@ -26,6 +27,7 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data; `key` wraps it
     skipped_steps: jax.Array  # int32 []: steps whose update was dropped as non-finite
     timestep_history: TimestepHistory | None = None
+    teacher: nnx.State | None = None
 
     @property
     def key(self) -> jax.Array:
@@ -38,6 +40,7 @@ def create(
     num_ema: int,
     key: jax.Array,
     timestep_history: TimestepHistory | None = None,
+    teacher: nnx.State | None = None,
 ) -> TrainState:
     """A fresh state at step 0 whose EMAs start at the initial parameters."""
     return TrainState(
@@ -48,6 +51,7 @@ def create(
         rng=jax.random.key_data(key),
         skipped_steps=jnp.zeros((), jnp.int32),
         timestep_history=timestep_history,
+        teacher=teacher,
     )
 
 

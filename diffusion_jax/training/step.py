@@ -9,10 +9,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, vlb
-from diffusion_jax.metrics import image_quality
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.training.setup import model_apply
+from diffusion_jax import conditioning, objectives
 from diffusion_jax.training.state import TrainState, update_emas
 
 Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
@@ -20,88 +17,52 @@ Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    schedule: Schedule,
+    objective: objectives.Objective,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
-    The loss is `diffusion.simple_loss` on the global batch (`diffusion.loss='simple'`), improved
-    DDPM's `vlb.hybrid_loss` ('hybrid') or `vlb.vlb_loss` ('vlb', with `diffusion.timestep_sampling=
-    'importance'` drawing t from the state's `timestep_history`, which the step then updates), or with
-    `training.objective='classify'` the noise-aware classifier's cross-entropy on noised
-    images (`classifier_loss.noisy_classifier_loss`; metrics then include `accuracy`).
-    The network's condition (`batch_condition`) is the batch's labels for a class-conditional model
-    (`model.num_classes`), and its token or context entries (`diffusion_jax.conditioning`) when it has
-    them; a conditional model sees the whole null condition instead with probability
-    `training.label_dropout` (classifier-free guidance's joint training; `conditioning.drop`). Under
-    `jax.jit` with the batch sharded over the mesh, XLA inserts the gradient all-reduce (or, with
-    FSDP-sharded parameters, the all-gathers and reduce-scatters), so the same step runs on every
-    mesh (no shard_map, hence none of its pmean-after-grad trap, shared/notes/stack-2026-11.md).
-    With `training.grad_accum_steps` = k > 1 the batch is split into k microbatches whose gradients
-    are averaged in a `lax.scan` (activation memory of one microbatch; one optimiser update).
+    The loss is `objective`'s (`objectives.build`: the table of `training.objective`), which the
+    step differentiates without knowing which it is: the diffusion loss of `diffusion.loss`, the
+    noise-aware classifier's, the first stage's, a distillation loss. The network's condition
+    (`batch_condition`) is the batch's labels for a class-conditional model (`model.num_classes`), and
+    its token or context entries (`diffusion_jax.conditioning`) when it has them; a conditional model
+    sees the whole null condition instead with probability `training.label_dropout` (classifier-free
+    guidance's joint training; `conditioning.drop`). Under `jax.jit` with the batch sharded over the
+    mesh, XLA inserts the gradient all-reduce (or, with FSDP-sharded parameters, the all-gathers and
+    reduce-scatters), so the same step runs on every mesh (no shard_map, hence none of its
+    pmean-after-grad trap, shared/notes/stack-2026-11.md). With `training.grad_accum_steps` = k > 1
+    the batch is split into k microbatches whose gradients are averaged in a `lax.scan` (activation
+    memory of one microbatch; one optimiser update). With `diffusion.timestep_sampling='importance'`
+    the state's `timestep_history` takes the step's per-example L_t (aux 't', 'vlb').
     """
-    classify = config.training.get("objective", "denoise") == "classify"
-    autoencode = config.training.get("objective", "denoise") == "autoencode"
-    first_stage_options = dict(config.get("autoencode", {}))
-    class_conditional = config.model.get("num_classes") is not None
-    conditional = (class_conditional or _uses_text(config)) and not classify
+    class_conditional = config.model.get("num_classes") is not None and objective.conditions_model
+    conditional = (class_conditional or _uses_text(config)) and objective.conditions_model
     cond_dropout = config.training.get("label_dropout", 0.0) if conditional else 0.0
     null_label = config.model.get("num_classes")  # the null label's index
     decays = tuple(config.training.ema_decays)
     accum_steps = config.training.get("grad_accum_steps", 1)
-    loss_name = config.diffusion.get("loss", "simple")
-    prediction = config.diffusion.prediction
 
     def loss_and_grads(
-        params: nnx.State,
-        history: vlb.TimestepHistory | None,
-        step: jax.Array,
-        images: jax.Array,
-        labels: jax.Array,
-        cond: conditioning.Cond,
+        params: nnx.State, state: TrainState, images: jax.Array, labels: jax.Array, cond: conditioning.Cond,
         key: jax.Array,
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
         """((loss, aux), d loss / d params) of one (micro)batch; `key` draws its t, noise and dropout."""
         loss_key, dropout_key = jax.random.split(key)
-
-        def loss_fn(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-            if autoencode:  # LDM's first stage: the autoencoder's and the discriminator's losses
-                return first_stage_loss(graphdef, params, images, loss_key, step, first_stage_options)
-
-            def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return model_apply(graphdef, params, x_t, t, cond, train=True, dropout_key=dropout_key)
-
-            if classify:  # model_fn returns logits [B, K]; the labels are the targets
-                return classifier_loss.noisy_classifier_loss(model_fn, schedule, images, labels, loss_key)
-            if loss_name == "hybrid":
-                return vlb.hybrid_loss(
-                    model_fn, schedule, images, loss_key, prediction=prediction, vlb_weight=config.diffusion.vlb_weight
-                )
-            if loss_name == "vlb":
-                return vlb.vlb_loss(
-                    model_fn, schedule, images, loss_key, prediction=prediction, history=history
-                )
-            return diffusion.simple_loss(
-                model_fn,
-                schedule,
-                images,
-                loss_key,
-                prediction=prediction,
-                weighting=config.diffusion.loss_weighting,
-                min_snr_gamma=config.diffusion.min_snr_gamma,
-            )
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key)
+        return jax.value_and_grad(objective.loss, has_aux=True)(params, state, inputs)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if objective.advance is not None:  # e.g. a new distillation round: the teacher, EMAs, optimiser
+            state = objective.advance(state, tx)
         step_key = jax.random.fold_in(state.key, state.step)
         images, labels = batch["image"], batch["label"]
-        cond = batch_condition(batch, class_conditional and not classify)
+        cond = batch_condition(batch, class_conditional)
         if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
-        grads_fn = functools.partial(loss_and_grads, state.params, state.timestep_history, state.step)
+        grads_fn = functools.partial(loss_and_grads, state.params, state)
         if accum_steps == 1:
             (loss, aux), grads = grads_fn(images, labels, cond, step_key)
         else:
@@ -128,53 +89,9 @@ def make_train_step(
             "learning_rate": lr_schedule(state.step),
             "nonfinite": (~finite).astype(jnp.int32),
         }
-        if classify:
-            metrics["accuracy"] = aux["accuracy"]
-        if autoencode:
-            metrics |= {k: aux[k] for k in FIRST_STAGE_METRICS}
-        if "vlb" in aux:  # one-sample L_t, bits/dim: its mean over t is L_vlb / T less the prior
-            metrics["vlb_term"] = jnp.mean(aux["vlb"])
-        return new_state, metrics
+        return new_state, metrics | {k: aux[k] for k in objective.metrics}
 
     return train_step
-
-
-FIRST_STAGE_METRICS = ("rec", "kl", "g_adv", "d_weight", "d_loss", "psnr")
-
-
-def first_stage_loss(
-    graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array, key: jax.Array, step: jax.Array, options: dict
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """LDM's first-stage objective (Appendix G) on a `models.FirstStage`: the autoencoder's loss
-    L_rec + kl_weight L_KL + disc_factor d_weight L_adv (`autoencoder_loss.autoencoder_loss`) plus the
-    patch discriminator's hinge loss (`autoencoder_loss.discriminator_loss`) on a fresh reconstruction.
-
-    The two are summed with stop-gradients across (the discriminator is a constant in the first, the
-    reconstruction in the second), so one gradient of the sum is each loss's gradient in its own
-    parameters. `options` are `config.autoencode`: kl_weight, disc_start, disc_weight, rec_kind,
-    pixel_reduction.
-    """
-    model = nnx.merge(graphdef, params)
-    ae_graphdef, ae_params = nnx.split(model.autoencoder)
-    gen_key, disc_key = jax.random.split(key)
-    discriminator = None
-    if model.discriminator is not None:
-        disc_graphdef, disc_params = nnx.split(model.discriminator)
-        discriminator = (disc_graphdef, jax.lax.stop_gradient(disc_params))
-    loss, aux = autoencoder_loss.autoencoder_loss(
-        ae_params, ae_graphdef, images, gen_key, discriminator, step,
-        **{k: options[k] for k in ("kl_weight", "disc_start", "disc_weight", "rec_kind", "pixel_reduction")
-           if k in options},
-    )
-    x_rec, _ = autoencoder_loss.reconstruct(jax.lax.stop_gradient(ae_params), ae_graphdef, images, disc_key)
-    aux["psnr"] = jnp.mean(image_quality.psnr(images, jnp.clip(x_rec, -1.0, 1.0)))
-    aux["d_loss"] = jnp.zeros(())
-    if model.discriminator is not None:
-        d_loss, d_aux = autoencoder_loss.discriminator_loss(
-            disc_params, disc_graphdef, images, x_rec, step, disc_start=options.get("disc_start", 0)
-        )
-        loss, aux["d_loss"] = loss + d_loss, d_aux["d_loss"]
-    return loss, aux
 
 
 def _uses_text(config: ml_collections.ConfigDict) -> bool:

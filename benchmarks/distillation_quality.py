@@ -1,0 +1,153 @@
+"""Few-step students against few-step samplers, on a Gaussian mixture whose denoiser is exact.
+
+The teacher is `exact.x0_model` (E[x_0 | x_t] in closed form) on `schedules.linear(1000)`, so the
+samplers' only error is discretisation and a student's is discretisation it did not learn away.
+Progressive distillation (`distill.progressive`, Salimans & Ho 2022) trains an MLP (the
+`ddpm_swissroll` denoiser, v-prediction) in rounds from a 2N₀-step DDIM teacher: round 0 learns
+two exact DDIM steps per student step from scratch (the exact teacher has no weights to copy),
+every later round starts from the previous student. Each N-step student samples with DDIM
+'trailing' on the same grid it was trained for. Reported as `sampler_quality.py` does: SW (the
+sliced 2-Wasserstein distance to independent exact samples, `exact.sliced_wasserstein`), with the
+floor of two exact sets, at NFE 1, 2, 4 (and 8), beside DDIM and DPM-Solver++(2M) driven by the
+exact denoiser at the same NFE.
+
+    python benchmarks/distillation_quality.py            # full: table to stdout and benchmarks/results/
+    python benchmarks/distillation_quality.py --quick    # fewer steps and samples; prints only
+"""
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import diffusion_jax as dj
+from diffusion_jax import exact, models
+from diffusion_jax.distill import progressive
+
+RESULTS = Path(__file__).parent / "results" / "distillation_quality.md"
+NFES = (1, 2, 4, 8)
+
+
+def mixture() -> exact.GaussianMixture:
+    """`sampler_quality.py`'s 2-D ring: 8 modes of std 0.05 on the unit circle."""
+    return exact.ring(8, radius=1.0, std=0.05)
+
+
+def distill_mlp(
+    mix: exact.GaussianMixture, schedule: Any, teacher_steps: int, steps_per_round: int, batch: int = 1024,
+    seed: int = 0, learning_rate: float = 1e-3,
+) -> dict[int, tuple[nnx.GraphDef, nnx.State]]:
+    """Progressive distillation from the exact teacher: {N: (graphdef, params) of the N-step student}."""
+    model = models.create("mlp", in_features=2, hidden=128, depth=3, dropout=0.0, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+
+    def student_fn(params: nnx.State) -> dj.diffusion.ModelFn:
+        return lambda x, t: nnx.merge(graphdef, params)(x, t)
+
+    tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps_per_round))
+    students, teacher = {}, None  # teacher None: the exact denoiser
+    rng = np.random.default_rng(seed)
+    num_steps = teacher_steps // 2
+    while num_steps >= 1:
+        if teacher is None:
+            teacher_fn, teacher_prediction = exact.x0_model(mix, schedule), "x0"
+        else:
+            teacher_fn, teacher_prediction = student_fn(teacher), "v"
+
+        @jax.jit
+        def step(params: nnx.State, opt_state: optax.OptState, x0: jax.Array, key: jax.Array,
+                 teacher_fn=teacher_fn, teacher_prediction=teacher_prediction, n=num_steps):
+            def loss(params: nnx.State) -> jax.Array:
+                return progressive.distillation_loss(student_fn(params), teacher_fn, schedule, x0, key, jnp.int32(n),
+                                                     prediction="v", teacher_prediction=teacher_prediction)[0]
+
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        opt_state = tx.init(params)
+        for k in range(steps_per_round):
+            x0 = jnp.asarray(mix.sample(rng, batch))
+            params, opt_state, _ = step(params, opt_state, x0, jax.random.key(1000 * num_steps + k))
+        students[num_steps] = (graphdef, params)
+        teacher, num_steps = params, num_steps // 2
+    return students
+
+
+def sample_student(graphdef: nnx.GraphDef, params: nnx.State, schedule: Any, steps: int, n: int) -> np.ndarray:
+    """DDIM 'trailing' with the student's own step count."""
+    x_T = jax.random.normal(jax.random.key(1), (n, 2))
+    model_fn = lambda x, t: nnx.merge(graphdef, params)(x, t)  # noqa: E731
+    sample = functools.partial(dj.samplers.get("ddim"), model_fn, schedule, steps=steps, prediction="v",
+                               spacing="trailing")
+    return np.asarray(jax.jit(sample)(jax.random.key(2), x_T))
+
+
+def sample_exact(
+    mix: exact.GaussianMixture, schedule: Any, sampler: str, nfe: int, n: int, **options: Any
+) -> np.ndarray:
+    """`sampler` at `nfe` steps driven by the exact denoiser."""
+    x_T = jax.random.normal(jax.random.key(1), (n, 2))
+    sample = functools.partial(dj.samplers.get(sampler), exact.x0_model(mix, schedule), schedule, steps=nfe,
+                               prediction="x0", **options)
+    return np.asarray(jax.jit(sample)(jax.random.key(2), x_T))
+
+
+def evaluate(teacher_steps: int, steps_per_round: int, n: int) -> dict[str, Any]:
+    """SW to exact samples for every row and NFE, the floor, and the distillation's wall time."""
+    mix, schedule = mixture(), dj.schedules.linear(1000)
+    rng = np.random.default_rng(123)
+    reference = mix.sample(rng, n)
+    floor = exact.sliced_wasserstein(mix.sample(rng, n), reference)
+    start = time.perf_counter()
+    students = distill_mlp(mix, schedule, teacher_steps, steps_per_round)
+    seconds = time.perf_counter() - start
+    rows = {
+        "ddim η=0 (trailing), exact denoiser": {k: sample_exact(mix, schedule, "ddim", k, n, spacing="trailing")
+                                               for k in NFES},
+        "dpm_solver++ 2M (logsnr), exact denoiser": {k: sample_exact(mix, schedule, "dpm_solver++", k, n, order=2)
+                                                     for k in NFES},
+        f"progressive distillation from {teacher_steps} steps": {
+            k: sample_student(*students[k], schedule, k, n) for k in NFES if k in students},
+    }
+    table = {label: {k: exact.sliced_wasserstein(x, reference) for k, x in cells.items()}
+             for label, cells in rows.items()}
+    return {"sw": table, "floor": floor, "distill_seconds": seconds, "n": n, "teacher_steps": teacher_steps,
+            "steps_per_round": steps_per_round}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    header = "| sampler | " + " | ".join(f"NFE {k}" for k in NFES) + " |"
+    lines = [header, "|---|" + "---|" * len(NFES)]
+    for label, cells in results["sw"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{cells[k]:.4f}" if k in cells else "—" for k in NFES) + " |")
+    lines.append(f"| floor (two exact sets) | {results['floor']:.4f} |" + " |" * (len(NFES) - 1))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    teacher_steps, steps_per_round, n = (64, 500, 4000) if args.quick else (64, 3000, 20000)
+    results = evaluate(teacher_steps, steps_per_round, n)
+    text = (f"SW to {n} exact samples of the 2-D ring (8 modes, std 0.05), `schedules.linear(1000)`; PD: "
+            f"{steps_per_round} steps of batch 1024 per round, {results['distill_seconds']:.0f} s for all rounds "
+            f"(jax {jax.__version__}, {jax.devices()[0].platform}).\n\n" + markdown(results))
+    print(text)
+    if not args.quick:
+        RESULTS.write_text("# Distillation quality\n\n" + text + "\n")
+        with open(RESULTS.with_suffix(".jsonl"), "a") as f:
+            f.write(json.dumps(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Few-step generation from a trained diffusion model: progressive distillation (`progressive`)."""

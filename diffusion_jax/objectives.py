@@ -1,0 +1,269 @@
+"""The training objectives: one table from `training.objective` to the loss the train step minimises.
+
+The train step (`training.step`) never branches on the objective: it asks `build(config, graphdef,
+schedule)` for an `Objective` and differentiates `objective.loss(params, state, inputs)`. An entry
+says what the loss needs (the batch, its condition, keys, the pre-update train state for its EMA
+target, teacher or timestep history) and which of its auxiliary outputs are logged.
+
+  'denoise'     the diffusion loss of `diffusion.loss`: L_simple with `diffusion.loss_weighting`
+                (Ho et al. 2020, Eq. 14; `diffusion.simple_loss`), iDDPM's L_hybrid or L_vlb
+                (Nichol & Dhariwal 2021, §3.1; `vlb`)
+  'classify'    a noise-aware classifier's cross-entropy on noised images, for classifier guidance
+                (Dhariwal & Nichol 2021, §4; `classifier_loss`); the labels are targets, not a condition
+  'autoencode'  LDM's first stage: L_rec + β·KL + the patch GAN, and its discriminator's hinge loss
+                (Rombach et al. 2022, Appendix G; `autoencoder_loss`)
+  'distill'     progressive distillation of the `distill.teacher_workdir` run into a student that
+                takes half its DDIM steps, round after round (Salimans & Ho 2022; `distill.progressive`)
+
+Register a new objective with `@OBJECTIVES.register(name)` on a builder
+`(config, graphdef, schedule, example_shape) -> Objective`. The math lives in the family's module
+(`diffusion`, `vlb`, `classifier_loss`, `autoencoder_loss`, `distill`); a builder only wires it to
+the network, the config and the train state.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, vlb
+from diffusion_jax.distill import progressive
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.metrics import image_quality
+from diffusion_jax.registry import Registry
+from diffusion_jax.schedules import Schedule
+from diffusion_jax.training import run_config
+from diffusion_jax.training.setup import model_apply
+
+
+class LossInputs(NamedTuple):
+    """What the loss of one (micro)batch sees besides the parameters and the train state."""
+
+    images: jax.Array  # [B, ...] the data in [-1, 1] (s·z latents in a latent run)
+    labels: jax.Array  # int32 [B]
+    cond: conditioning.Cond  # the network's condition, context dropout already applied
+    key: jax.Array  # draws the loss's times and noise
+    dropout_key: jax.Array  # the network's dropout
+
+
+LossFn = Callable[[nnx.State, Any, LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class Objective(NamedTuple):
+    """An entry of the table: the loss and how the step, the train state and the logs treat it."""
+
+    loss: LossFn  # (params, state (training.state.TrainState, before this step's update), inputs) -> (loss, aux)
+    metrics: tuple[str, ...] = ()  # scalar aux entries logged every step beside loss and grad_norm
+    shown: tuple[str, ...] = ("loss", "grad_norm", "images_per_sec", "mfu")  # the progress line's metrics
+    conditions_model: bool = True  # the batch's labels condition the network (False: they are its targets)
+    # Frozen parameters the loss reads as `state.teacher` (a distillation teacher): put into the train
+    # state at step 0, so checkpointed and restored with it; the student starts as a copy of them.
+    teacher: nnx.State | None = None
+    # (state, tx) -> state at the start of every step, inside the jitted step (progressive distillation:
+    # a new round's teacher, EMAs and optimiser state); None: nothing.
+    advance: Callable[[Any, optax.GradientTransformation], Any] | None = None
+    # The steps the optimiser's learning-rate schedule spans (an `advance` that restarts the optimiser every
+    # so many steps); None: training.num_steps.
+    lr_horizon: int | None = None
+
+
+Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, Schedule, tuple[int, ...]], Objective]
+OBJECTIVES: Registry[Builder] = Registry("objective", "training.objective")
+
+
+def build(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+) -> Objective:
+    """The objective of `training.objective` for this model, noise schedule and example shape [H, W, C]."""
+    return OBJECTIVES.get(config.training.get("objective", "denoise"))(config, graphdef, schedule, example_shape)
+
+
+def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> diffusion.ModelFn:
+    """`model_fn(x_t, t)` of the network in training mode, conditioned on `inputs.cond`."""
+
+    def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        return model_apply(graphdef, params, x_t, t, inputs.cond, train=True, dropout_key=inputs.dropout_key)
+
+    return model_fn
+
+
+@OBJECTIVES.register("denoise")
+def denoise(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+) -> Objective:
+    """`diffusion.loss`: 'simple' (with `loss_weighting`, `min_snr_gamma`), 'hybrid' (`vlb_weight`) or
+    'vlb' (with `timestep_sampling='importance'`, t drawn from the state's `timestep_history`)."""
+    d = config.diffusion
+    loss_name, prediction = d.get("loss", "simple"), d.prediction
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model_fn = network(graphdef, params, inputs)
+        if loss_name == "simple":
+            return diffusion.simple_loss(model_fn, schedule, inputs.images, inputs.key, prediction=prediction,
+                                         weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma)
+        if loss_name == "hybrid":
+            value, aux = vlb.hybrid_loss(model_fn, schedule, inputs.images, inputs.key, prediction=prediction,
+                                         vlb_weight=d.vlb_weight)
+        else:
+            value, aux = vlb.vlb_loss(model_fn, schedule, inputs.images, inputs.key, prediction=prediction,
+                                      history=state.timestep_history)
+        # One-sample L_t in bits/dim: its mean over t is L_vlb / T less the prior term.
+        return value, aux | {"vlb_term": jnp.mean(aux["vlb"])}
+
+    return Objective(loss, metrics=("vlb_term",) if loss_name in ("hybrid", "vlb") else ())
+
+
+@OBJECTIVES.register("classify")
+def classify(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+) -> Objective:
+    """The classifier's logits [B, K] on x_t ~ q(x_t | x_0) at t ~ U{0..T-1}; targets are the labels."""
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits_fn = network(graphdef, params, inputs)
+        return classifier_loss.noisy_classifier_loss(logits_fn, schedule, inputs.images, inputs.labels, inputs.key)
+
+    return Objective(loss, metrics=("accuracy",), shown=("loss", "accuracy", "grad_norm", "mfu"),
+                     conditions_model=False)
+
+
+FIRST_STAGE_METRICS = ("rec", "kl", "g_adv", "d_weight", "d_loss", "psnr")
+
+
+@OBJECTIVES.register("autoencode")
+def autoencode(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+) -> Objective:
+    """LDM's first stage on a `models.FirstStage` (`config.autoencode`: kl_weight, disc_start,
+    disc_weight, rec_kind, pixel_reduction); no diffusion schedule is used."""
+    options = dict(config.get("autoencode", {}))
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return first_stage_loss(graphdef, params, inputs.images, inputs.key, state.step, options)
+
+    return Objective(loss, metrics=FIRST_STAGE_METRICS, shown=("loss", "rec", "kl", "d_loss", "psnr",
+                                                               "images_per_sec"))
+
+
+def first_stage_loss(
+    graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array, key: jax.Array, step: jax.Array, options: dict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LDM's first-stage objective (Appendix G) on a `models.FirstStage`: the autoencoder's loss
+    L_rec + kl_weight L_KL + disc_factor d_weight L_adv (`autoencoder_loss.autoencoder_loss`) plus the
+    patch discriminator's hinge loss (`autoencoder_loss.discriminator_loss`) on the same reconstruction.
+
+    The two are summed with stop-gradients across (the discriminator is a constant in the first, the
+    reconstruction in the second), so one gradient of the sum is each loss's gradient in its own
+    parameters.
+    """
+    model = nnx.merge(graphdef, params)
+    ae_graphdef, ae_params = nnx.split(model.autoencoder)
+    discriminator = None
+    if model.discriminator is not None:
+        disc_graphdef, disc_params = nnx.split(model.discriminator)
+        discriminator = (disc_graphdef, jax.lax.stop_gradient(disc_params))
+    loss, aux = autoencoder_loss.autoencoder_loss(
+        ae_params, ae_graphdef, images, key, discriminator, step,
+        **{k: options[k] for k in ("kl_weight", "disc_start", "disc_weight", "rec_kind", "pixel_reduction")
+           if k in options},
+    )
+    x_rec = jax.lax.stop_gradient(aux.pop("reconstruction"))
+    aux["psnr"] = jnp.mean(image_quality.psnr(images, jnp.clip(x_rec, -1.0, 1.0)))
+    aux["d_loss"] = jnp.zeros(())
+    if model.discriminator is not None:
+        d_loss, d_aux = autoencoder_loss.discriminator_loss(
+            disc_params, disc_graphdef, images, x_rec, step, disc_start=options.get("disc_start", 0)
+        )
+        loss, aux["d_loss"] = loss + d_loss, d_aux["d_loss"]
+    return loss, aux
+
+
+@OBJECTIVES.register("distill")
+def distill(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+) -> Objective:
+    """Progressive distillation (`distill.progressive`) of `distill.teacher_workdir` (its `sample.ema_decay`
+    parameters): round r trains steps [r S, (r + 1) S) of S = `distill.steps_per_round` for a student of
+    `distill.teacher_steps` / 2^(r+1) DDIM steps. At each round's first step the student so far becomes
+    the teacher, the EMAs restart from it and the optimiser starts afresh, so its learning-rate schedule
+    spans one round (the official code anneals it linearly to 0 within each round:
+    google-research/diffusion_distillation, config/cifar_distill.py).
+
+    The student is the teacher's network: `model.*` (less `dropout`), the schedule and
+    `diffusion.prediction` must be the teacher's, and so must the example shape; a learned variance's channels are carried along
+    untrained. Errors are one line naming the field, before anything compiles.
+    """
+    d = config.distill
+    teacher = load_teacher(config, schedule, example_shape)
+    teacher_steps, steps_per_round = d.teacher_steps, d.steps_per_round
+    progressive.check_rounds(teacher_steps, d.rounds, steps_per_round, schedule.num_timesteps,
+                             config.training.num_steps)
+    progressive.check_weighting(d.weighting)
+    prediction, weighting = config.diffusion.prediction, d.weighting
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        student_steps = progressive.student_steps(state.step, teacher_steps, steps_per_round)
+        student_fn = _mean_channels(network(graphdef, params, inputs))
+        teacher_fn = _mean_channels(lambda x_t, t: model_apply(graphdef, state.teacher, x_t, t, inputs.cond))
+        value, aux = progressive.distillation_loss(student_fn, teacher_fn, schedule, inputs.images, inputs.key,
+                                                   student_steps, prediction=prediction, weighting=weighting)
+        return value, aux | {"student_steps": student_steps.astype(jnp.float32)}
+
+    def advance(state: Any, tx: optax.GradientTransformation) -> Any:
+        def new_round(state: Any) -> Any:
+            return state.replace(teacher=state.params, ema_params=tuple(state.params for _ in state.ema_params),
+                                 opt_state=tx.init(state.params))
+
+        starts = (state.step > 0) & (state.step % steps_per_round == 0)
+        return jax.lax.cond(starts, new_round, lambda state: state, state)
+
+    return Objective(loss, metrics=("student_steps",), shown=("loss", "student_steps", "grad_norm",
+                                                              "images_per_sec"),
+                     teacher=teacher, advance=advance, lr_horizon=steps_per_round)
+
+
+def _mean_channels(model_fn: diffusion.ModelFn) -> diffusion.ModelFn:
+    """A learned-variance network's prediction channels (the first half of its output), else its output."""
+
+    def fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        out = model_fn(x_t, t)
+        return out[..., : x_t.shape[-1]] if out.shape[-1] == 2 * x_t.shape[-1] else out
+
+    return fn
+
+
+def load_teacher(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> nnx.State:
+    """The parameters of `distill.teacher_workdir` (the EMA its config samples with), checked to be this run's
+    network on this run's data and schedule."""
+    from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
+
+    field = "distill.teacher_workdir"
+    workdir = config.distill.get("teacher_workdir")
+    if workdir is None:
+        raise ConfigError(f"{field}: None; training.objective='distill' needs the workdir of a trained diffusion run")
+    teacher = load(workdir, field=field)
+    trained = teacher.config
+    if trained.training.get("objective", "denoise") != "denoise":
+        raise ConfigError(f"{field}: {workdir} is a training.objective={trained.training.objective!r} run, "
+                          f"not a diffusion model")
+    if tuple(teacher.example_shape) != tuple(example_shape):
+        raise ConfigError(f"data.image_size: the teacher {workdir} models {tuple(teacher.example_shape)} examples; "
+                          f"this run's are {tuple(example_shape)}")
+    changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
+    changes.pop("dropout", None)  # a training regulariser, not part of the function (the paper's students use 0)
+    if changes:
+        key, (had, has) = next(iter(changes.items()))
+        raise ConfigError(f"model.{key}: the student is the teacher's network, and {workdir} has {had!r}, "
+                          f"this config {has!r}")
+    if trained.diffusion.prediction != config.diffusion.prediction:
+        raise ConfigError(f"diffusion.prediction: the teacher {workdir} predicts {trained.diffusion.prediction!r}, "
+                          f"this config {config.diffusion.prediction!r}")
+    if not np.array_equal(np.asarray(teacher.schedule.alpha), np.asarray(schedule.alpha)):
+        raise ConfigError(f"diffusion.schedule: the teacher {workdir} was trained on another noise schedule "
+                          f"({trained.diffusion.schedule!r}, T={trained.diffusion.num_timesteps}); use its schedule")
+    return teacher.params

@@ -1,0 +1,128 @@
+"""Progressive distillation: the round target against two independent DDIM steps, the round plan,
+and a distillation run that hands the teacher on between rounds and resumes mid-round exactly."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+import diffusion_jax as dj
+from diffusion_jax import exact, schedules
+from diffusion_jax.distill import progressive
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.training import experiment
+from diffusion_jax.training.checkpoint import Checkpointer
+from diffusion_jax.training.loop import train
+
+
+def test_the_round_target_is_where_two_teacher_ddim_steps_land():
+    schedule = schedules.cosine(100)
+    mixture = exact.ring(4, std=0.1)
+    teacher_fn = exact.x0_model(mixture, schedule)  # the exact E[x_0 | x_t]: prediction 'x0'
+    num_steps, batch = 4, 64
+    rng = np.random.default_rng(0)
+    i = rng.integers(1, num_steps + 1, batch)  # student levels 1..N
+    trailing = schedules.space_timesteps(100, 2 * num_steps, "trailing")  # the teacher's 2N levels
+    assert np.array_equal(progressive.level(schedule, jnp.asarray(i), jnp.int32(num_steps)).t, trailing[2 * i - 1])
+
+    # Two DDIM steps (Song et al. Eq. 12, eta = 0) in float64, with x_0 and eps written out.
+    a = np.sqrt(np.asarray(schedule.alphas_cumprod, np.float64))
+    s = np.sqrt(1.0 - a**2)
+
+    def coefficients(j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # teacher level j of 2N
+        t = trailing[np.maximum(j, 1) - 1]
+        return t, np.where(j == 0, 1.0, a[t])[:, None], np.where(j == 0, 0.0, s[t])[:, None]
+
+    z_t = np.empty((batch, 2))
+    t, a_t, s_t = coefficients(2 * i)
+    z_t[:] = a_t * mixture.sample(rng, batch) + s_t * rng.standard_normal((batch, 2))
+    z = z_t
+    for j in (2 * i, 2 * i - 1):
+        t, a_j, s_j = coefficients(j)
+        _, a_next, s_next = coefficients(j - 1)
+        x0 = np.asarray(teacher_fn(jnp.asarray(z, jnp.float32), jnp.asarray(t)), np.float64)
+        eps = (z - a_j * x0) / s_j
+        z = a_next * x0 + s_next * eps
+    target = progressive.distillation_target(teacher_fn, schedule, jnp.asarray(z_t, jnp.float32), jnp.asarray(i),
+                                             jnp.int32(num_steps), "x0")
+    _, a_end, s_end = coefficients(2 * i - 2)
+    one_student_step = a_end * np.asarray(target) + s_end / s_t * (z_t - a_t * np.asarray(target))
+    np.testing.assert_allclose(one_student_step, z, atol=2e-4)
+    assert np.any(i == 1)  # the last step lands on clean data: the target is the teacher's second x̂_0
+    np.testing.assert_allclose(np.asarray(target)[i == 1], z[i == 1], atol=2e-4)
+
+
+def test_rounds_halve_the_steps_and_bad_plans_name_the_field():
+    steps = [int(progressive.student_steps(jnp.int32(k), 16, 5)) for k in (0, 4, 5, 14, 15, 19)]
+    assert steps == [8, 8, 4, 2, 1, 1]
+    progressive.check_rounds(16, 4, 5, 100, 20)
+    for args, field in [((12, 2, 5, 100, 10), "distill.teacher_steps: .* power of two"),
+                        ((256, 2, 5, 100, 10), "distill.teacher_steps: 256 DDIM steps need distinct"),
+                        ((16, 5, 5, 100, 25), "distill.rounds: 5 halvings .* at most 4"),
+                        ((16, 2, 5, 100, 11), r"training.num_steps: 11; .* at most distill.rounds × ")]:
+        with pytest.raises(ConfigError, match="^" + field):
+            progressive.check_rounds(*args)
+
+
+def distill_config(data_dir: str, teacher_workdir) -> ml_collections.ConfigDict:
+    config = tiny_digits_config(data_dir)
+    config.diffusion.prediction = "v"
+    config.training.update(objective="distill", num_steps=4, checkpoint_every=1, keep_checkpoints=None,
+                           sample_every=4, log_every=1, ema_decays=(0.9,))
+    config.distill.update(teacher_workdir=str(teacher_workdir), teacher_steps=8, rounds=2, steps_per_round=2)
+    config.sample.update(steps=2, spacing="trailing", ema_decay=None)
+    return config
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory, digits_data_dir):
+    config = tiny_digits_config(digits_data_dir)
+    config.diffusion.prediction = "v"
+    config.training.update(num_steps=1, checkpoint_every=1, sample_every=0)
+    workdir = tmp_path_factory.mktemp("teacher")
+    train(config, workdir)
+    return workdir
+
+
+def test_distillation_hands_the_teacher_on_and_resumes_mid_round_exactly(teacher_workdir, digits_data_dir, tmp_path):
+    config = distill_config(digits_data_dir, teacher_workdir)
+    final = train(config, tmp_path / "straight")
+    teacher = dj.load(teacher_workdir).params  # the EMA the teacher samples with
+    checkpoints = Checkpointer(tmp_path / "straight" / "checkpoints")
+    abstract = experiment.build(config).abstract_state
+    at = {step: checkpoints.restore_step(step, abstract) for step in (1, 2)}
+    checkpoints.close()
+    same = jax.tree.map(np.array_equal, at[1].teacher, teacher)
+    assert all(jax.tree.leaves(same))  # round 0: the loaded teacher, whose copy the student started as
+    handed_on = jax.tree.map(np.array_equal, final.teacher, at[2].params)
+    assert all(jax.tree.leaves(handed_on))  # round 1's teacher is the student after round 0
+    assert (tmp_path / "straight" / "samples" / "samples_4.png").exists()
+
+    # Killed after step 3 (mid-round), resumed: the same step-4 state.
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("4", "lock.json"))
+    resumed = train(distill_config(digits_data_dir, teacher_workdir), tmp_path / "resumed")
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, resumed.params, final.params)))
+
+
+def test_a_teacher_that_is_not_the_student_is_a_one_line_error(teacher_workdir, digits_data_dir, tmp_path):
+    config = distill_config(digits_data_dir, tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"^distill.teacher_workdir: .*nowhere has no checkpoints/"):
+        experiment.build(config)
+    config = distill_config(digits_data_dir, teacher_workdir)
+    config.model.ch = 16
+    with pytest.raises(ConfigError, match=r"^model.ch: the student is the teacher's network, and .* has 8, this "
+                                          r"config 16"):
+        experiment.build(config)
+    config = distill_config(digits_data_dir, teacher_workdir)
+    config.diffusion.prediction = "eps"
+    with pytest.raises(ConfigError, match=r"^diffusion.prediction: the teacher .* predicts 'v'"):
+        experiment.build(config)
+    config = distill_config(digits_data_dir, teacher_workdir)
+    config.data.image_size = 16
+    config.model.attn_resolutions = (8,)
+    with pytest.raises(ConfigError, match=r"^data.image_size: the teacher .* models \(8, 8, 1\) examples"):
+        experiment.build(config)
