@@ -195,8 +195,8 @@ def distill(
     google-research/diffusion_distillation, config/cifar_distill.py).
 
     The student is the teacher's network: `model.*` (less `dropout`), the schedule and
-    `diffusion.prediction` must be the teacher's, and so must the example shape; a learned variance's channels are carried along
-    untrained. Errors are one line naming the field, before anything compiles.
+    `diffusion.prediction` must be the teacher's, and so must the example shape; a learned
+    variance's channels are carried along untrained. Errors are one line naming the field, before anything compiles.
     """
     d = config.distill
     teacher = load_teacher(config, schedule, example_shape)
