@@ -1,15 +1,19 @@
 """Few-step students against few-step samplers, on a Gaussian mixture whose denoiser is exact.
 
-The teacher is `exact.x0_model` (E[x_0 | x_t] in closed form) on `schedules.linear(1000)`, so the
-samplers' only error is discretisation and a student's is discretisation it did not learn away.
-Progressive distillation (`distill.progressive`, Salimans & Ho 2022) trains an MLP (the
-`ddpm_swissroll` denoiser, v-prediction) in rounds from a 2N₀-step DDIM teacher: round 0 learns
-two exact DDIM steps per student step from scratch (the exact teacher has no weights to copy),
-every later round starts from the previous student. Each N-step student samples with DDIM
-'trailing' on the same grid it was trained for. Reported as `sampler_quality.py` does: SW (the
-sliced 2-Wasserstein distance to independent exact samples, `exact.sliced_wasserstein`), with the
-floor of two exact sets, at NFE 1, 2, 4 (and 8), beside DDIM and DPM-Solver++(2M) driven by the
-exact denoiser at the same NFE.
+The teacher is `exact.x0_model` (E[x_0 | x_t] in closed form), so the samplers' only error is
+discretisation and a student's is the discretisation it did not learn away. Three students, each
+the `ddpm_swissroll` MLP:
+- progressive distillation (`distill.progressive`, Salimans & Ho 2022), v-prediction on
+  `schedules.linear(1000)`, in rounds from a 64-step DDIM teacher; round 0 learns two exact DDIM
+  steps per student step from scratch (the exact teacher has no weights to copy), every later round
+  starts from the previous student; each N-step student samples with DDIM 'trailing' on the grid it
+  was trained for;
+- consistency distillation from the exact denoiser and improved consistency training
+  (`distill.consistency`; Song et al. 2023, Song & Dhariwal 2023), as consistency functions on
+  EDM's σ in [0.002, 80], sampled with the `consistency` sampler (Algorithm 1) on Karras levels.
+Reported as `sampler_quality.py` does: SW, the sliced 2-Wasserstein distance to independent exact
+samples (`exact.sliced_wasserstein`), with the floor of two exact sets, at NFE 1, 2, 4, 8, beside
+DDIM ('trailing') and DPM-Solver++(2M) driven by the exact denoiser on `schedules.linear(1000)`.
 
     python benchmarks/distillation_quality.py            # full: table to stdout and benchmarks/results/
     python benchmarks/distillation_quality.py --quick    # fewer steps and samples; prints only
@@ -30,7 +34,7 @@ from flax import nnx
 
 import diffusion_jax as dj
 from diffusion_jax import exact, models
-from diffusion_jax.distill import progressive
+from diffusion_jax.distill import consistency, progressive
 
 RESULTS = Path(__file__).parent / "results" / "distillation_quality.md"
 NFES = (1, 2, 4, 8)
@@ -82,6 +86,57 @@ def distill_mlp(
     return students
 
 
+def consistency_mlp(
+    mix: exact.GaussianMixture, kind: str, steps: int, batch: int = 1024, seed: int = 0, learning_rate: float = 1e-3,
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """A consistency model f = c_skip x + c_out MLP(c_in x, c_noise) trained by consistency distillation
+    from the exact denoiser (kind 'cd': N = 18, Heun teacher steps, squared L2, target EMA 0.95, as the CD
+    paper's CIFAR-10 setup) or by improved consistency training ('ict': no teacher, pseudo-Huber,
+    lognormal levels, weight 1 / (σ_{n+1} - σ_n), N(k) from 11 to 1281, the target θ itself)."""
+    model = models.create("mlp", in_features=2, hidden=128, depth=3, dropout=0.0, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    grid = consistency.CIFAR10
+
+    def f(params: nnx.State) -> dj.diffusion.ModelFn:
+        return consistency.consistency_function(lambda x, t: nnx.merge(graphdef, params)(x, t), grid)
+
+    teacher = exact.x0_model(mix, dj.sde.EDM())
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params: nnx.State, target: nnx.State, opt_state: optax.OptState, k: jax.Array, x0: jax.Array,
+             key: jax.Array):
+        def loss(params: nnx.State) -> jax.Array:
+            if kind == "cd":
+                return consistency.consistency_loss(f(params), f(target), x0, key, 18, teacher_denoise=teacher,
+                                                    grid=grid)[0]
+            n = consistency.ict_num_levels(k, steps)
+            return consistency.consistency_loss(f(params), f(params), x0, key, n, grid=grid,
+                                                distance_kind="pseudo_huber", level_sampling="lognormal",
+                                                max_levels=1281, weighting="inverse_gap")[0]
+
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        target = optax.incremental_update(params, target, 1.0 - 0.95) if kind == "cd" else params
+        return params, target, opt_state
+
+    rng, target, opt_state = np.random.default_rng(seed), params, tx.init(params)
+    for k in range(steps):
+        params, target, opt_state = step(params, target, opt_state, jnp.int32(k), jnp.asarray(mix.sample(rng, batch)),
+                                         jax.random.key(k))
+    return graphdef, params
+
+
+def sample_consistency(graphdef: nnx.GraphDef, params: nnx.State, nfe: int, n: int) -> np.ndarray:
+    """Algorithm 1 on EDM's Karras levels: NFE = levels."""
+    process = dj.sde.EDM()
+    x_T = process.prior_sample(jax.random.key(1), (n, 2))
+    f = consistency.consistency_function(lambda x, t: nnx.merge(graphdef, params)(x, t))
+    sample = functools.partial(dj.samplers.get("consistency"), f, process, steps=nfe)
+    return np.asarray(jax.jit(sample)(jax.random.key(2), x_T))
+
+
 def sample_student(graphdef: nnx.GraphDef, params: nnx.State, schedule: Any, steps: int, n: int) -> np.ndarray:
     """DDIM 'trailing' with the student's own step count."""
     x_T = jax.random.normal(jax.random.key(1), (n, 2))
@@ -101,7 +156,7 @@ def sample_exact(
     return np.asarray(jax.jit(sample)(jax.random.key(2), x_T))
 
 
-def evaluate(teacher_steps: int, steps_per_round: int, n: int) -> dict[str, Any]:
+def evaluate(teacher_steps: int, steps_per_round: int, consistency_steps: int, n: int) -> dict[str, Any]:
     """SW to exact samples for every row and NFE, the floor, and the distillation's wall time."""
     mix, schedule = mixture(), dj.schedules.linear(1000)
     rng = np.random.default_rng(123)
@@ -109,7 +164,12 @@ def evaluate(teacher_steps: int, steps_per_round: int, n: int) -> dict[str, Any]
     floor = exact.sliced_wasserstein(mix.sample(rng, n), reference)
     start = time.perf_counter()
     students = distill_mlp(mix, schedule, teacher_steps, steps_per_round)
-    seconds = time.perf_counter() - start
+    seconds = {"progressive": time.perf_counter() - start}
+    consistency_models = {}
+    for kind in ("cd", "ict"):
+        start = time.perf_counter()
+        consistency_models[kind] = consistency_mlp(mix, kind, consistency_steps)
+        seconds[kind] = time.perf_counter() - start
     rows = {
         "ddim η=0 (trailing), exact denoiser": {k: sample_exact(mix, schedule, "ddim", k, n, spacing="trailing")
                                                for k in NFES},
@@ -117,11 +177,14 @@ def evaluate(teacher_steps: int, steps_per_round: int, n: int) -> dict[str, Any]
                                                      for k in NFES},
         f"progressive distillation from {teacher_steps} steps": {
             k: sample_student(*students[k], schedule, k, n) for k in NFES if k in students},
+        "consistency distillation (exact teacher)": {k: sample_consistency(*consistency_models["cd"], k, n)
+                                                     for k in NFES},
+        "improved consistency training": {k: sample_consistency(*consistency_models["ict"], k, n) for k in NFES},
     }
     table = {label: {k: exact.sliced_wasserstein(x, reference) for k, x in cells.items()}
              for label, cells in rows.items()}
-    return {"sw": table, "floor": floor, "distill_seconds": seconds, "n": n, "teacher_steps": teacher_steps,
-            "steps_per_round": steps_per_round}
+    return {"sw": table, "floor": floor, "train_seconds": seconds, "n": n, "teacher_steps": teacher_steps,
+            "steps_per_round": steps_per_round, "consistency_steps": consistency_steps}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -137,11 +200,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    teacher_steps, steps_per_round, n = (64, 500, 4000) if args.quick else (64, 3000, 20000)
-    results = evaluate(teacher_steps, steps_per_round, n)
-    text = (f"SW to {n} exact samples of the 2-D ring (8 modes, std 0.05), `schedules.linear(1000)`; PD: "
-            f"{steps_per_round} steps of batch 1024 per round, {results['distill_seconds']:.0f} s for all rounds "
-            f"(jax {jax.__version__}, {jax.devices()[0].platform}).\n\n" + markdown(results))
+    teacher_steps, steps_per_round, consistency_steps, n = (64, 500, 3000, 4000) if args.quick else (
+        64, 3000, 18000, 20000)
+    results = evaluate(teacher_steps, steps_per_round, consistency_steps, n)
+    seconds = results["train_seconds"]
+    text = (f"SW to {n} exact samples of the 2-D ring (8 modes, std 0.05); PD on `schedules.linear(1000)`, "
+            f"{steps_per_round} steps of batch 1024 per round ({seconds['progressive']:.0f} s for all rounds); CD "
+            f"and iCT on `sde.EDM`, {consistency_steps} steps of batch 1024 ({seconds['cd']:.0f} s, "
+            f"{seconds['ict']:.0f} s); jax {jax.__version__}, {jax.devices()[0].platform}.\n\n" + markdown(results))
     print(text)
     if not args.quick:
         RESULTS.write_text("# Distillation quality\n\n" + text + "\n")

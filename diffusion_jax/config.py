@@ -51,13 +51,14 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (`training.num_steps` ≤ rounds × steps_per_round), `weighting` ('truncated_snr' | 'snr_plus_one').
 - `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
   `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
-- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode), `steps` (None: the
-  sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params), `png_scale`, and
-  the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
+- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
+  (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params),
+  `png_scale`, and the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
   `variance`, `spacing`, `clip_x0` (ddpm, ddim, dpm_solver++, euler, heun, pc); `order`,
   `lower_order_final`, `max_step_ratio` (dpm_solver++); `rho`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`
   (euler, heun); `predictor`, `corrector`, `snr`, `n_corrector` (pc); `n_steps_each`, `step_lr`,
-  `denoise_final` (langevin, ode); `ode_solver`, `rtol`, `atol`, `max_steps` (ode); `guidance_scale` s for
+  `denoise_final` (langevin, ode); `ode_solver`, `rtol`, `atol`, `max_steps` (ode); `sigmas` (chosen model
+  times, noisiest first), `sigma_min` (consistency); `guidance_scale` s for
   classifier-free guidance of class-conditional models (s = 1 + w of Ho & Salimans; None or 1: none);
   `prompts` (text-conditional models: the captions sampled, cycled; None: digits captions cycling 0-9
   and thick / thin / leaning right / leaning left); `guidance_channels` (None: guide the prediction's every
@@ -199,6 +200,8 @@ def base_config() -> ml_collections.ConfigDict:
             rtol=placeholder(float),
             atol=placeholder(float),
             max_steps=placeholder(int),
+            sigmas=placeholder(tuple),
+            sigma_min=placeholder(float),
         )
     )
     config.eval = ml_collections.ConfigDict(

@@ -12,7 +12,7 @@ from conftest import tiny_digits_config
 
 import diffusion_jax as dj
 from diffusion_jax import exact, schedules
-from diffusion_jax.distill import progressive
+from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer
@@ -126,3 +126,68 @@ def test_a_teacher_that_is_not_the_student_is_a_one_line_error(teacher_workdir, 
     config.model.attn_resolutions = (8,)
     with pytest.raises(ConfigError, match=r"^data.image_size: the teacher .* models \(8, 8, 1\) examples"):
         experiment.build(config)
+
+
+# --- consistency models ---------------------------------------------------------------------------------
+
+
+def gaussian_consistency(s: float, grid: consistency.Grid = consistency.CIFAR10):
+    """The exact consistency function of data N(0, s² I): the PF-ODE scales x by sqrt(s² + σ²)."""
+    return lambda x, sigma: x * jnp.sqrt((s**2 + grid.sigma_min**2) / (s**2 + sigma**2))[:, None]
+
+
+def test_the_consistency_function_is_the_identity_at_sigma_min_exactly():
+    network = lambda x, t: 3.0 * x + jnp.sin(t)[:, None] + 1.0  # noqa: E731  any F, finite
+    f = consistency.consistency_function(network)
+    x = jax.random.normal(jax.random.key(0), (16, 5))
+    assert np.array_equal(f(x, jnp.full((16,), consistency.CIFAR10.sigma_min)), x)
+    assert not np.allclose(f(x, jnp.full((16,), 1.0)), x)
+    sigmas = consistency.karras_sigmas(18)
+    np.testing.assert_allclose([sigmas[0], sigmas[-1]], [0.002, 80.0], rtol=1e-5)
+    assert np.all(np.diff(sigmas) > 0)
+    traced = jax.jit(lambda n: consistency.sigma_at(jnp.arange(18), n))(jnp.int32(18))
+    np.testing.assert_allclose(traced, sigmas, rtol=1e-6)
+
+
+def test_consistency_losses_vanish_for_the_exact_consistency_function():
+    s = 0.5
+    x0 = s * jax.random.normal(jax.random.key(0), (512, 4))
+    exact_f = gaussian_consistency(s)
+    identity = lambda x, sigma: x  # noqa: E731  violates consistency
+    teacher = lambda x, sigma: x * (s**2 / (s**2 + sigma**2))[:, None]  # noqa: E731  E[x0 | x_σ] of N(0, s²)
+    key = jax.random.key(1)
+    cd_exact = consistency.consistency_loss(exact_f, exact_f, x0, key, 18, teacher_denoise=teacher)[0]
+    cd_wrong = consistency.consistency_loss(identity, identity, x0, key, 18, teacher_denoise=teacher)[0]
+    assert cd_exact < 1e-3 * cd_wrong  # Heun's error only
+    # One Heun step of the teacher's ODE against its closed-form solution.
+    x = jax.random.normal(key, (8, 4)) * 3.0
+    one = consistency.heun_step(teacher, x, jnp.full((8,), 3.0), jnp.full((8,), 2.5))
+    np.testing.assert_allclose(one, x * np.sqrt((s**2 + 2.5**2) / (s**2 + 3.0**2)), rtol=2e-3)
+    ct, aux = consistency.consistency_loss(exact_f, exact_f, x0, key, 1281, distance_kind="pseudo_huber",
+                                           level_sampling="lognormal", weighting="inverse_gap")
+    assert np.isfinite(ct) and aux["distance"].shape == (512,)
+
+
+def test_ict_curriculum_and_lognormal_levels():
+    n = [int(consistency.ict_num_levels(jnp.int32(k), 1000)) for k in (0, 124, 125, 874, 875, 999)]
+    assert n == [11, 11, 21, 641, 1281, 1281]  # s0 = 10 doubling every K' = 125 steps up to s1 = 1280
+    probs = consistency.lognormal_level_probs(jnp.int32(11), 1281)
+    assert probs.shape == (1280,) and abs(float(probs.sum()) - 1.0) < 1e-5 and float(probs[10:].sum()) == 0.0
+    assert int(np.argmax(probs)) in range(2, 8)  # P_mean = -1.1: mass in the middle of the σ range
+    with pytest.raises(ConfigError, match="^consistency.distance: unknown distance 'lpips'"):
+        consistency.check_distance("lpips")
+
+
+def test_consistency_sampling_in_one_and_two_steps_draws_the_data_distribution():
+    s = 0.5
+    process = dj.sde.EDM()
+    f = gaussian_consistency(s)
+    x_T = process.prior_sample(jax.random.key(0), (20000, 2))
+    sample = dj.samplers.get("consistency")
+    one, info = sample(f, process, jax.random.key(1), x_T, steps=1, return_info=True)
+    two = sample(f, process, jax.random.key(1), x_T, sigmas=(80.0, 0.8))
+    assert int(info.nfe) == 1
+    for x in (one, two):
+        np.testing.assert_allclose(np.std(np.asarray(x), axis=0), s, rtol=0.03)
+    with pytest.raises(ConfigError, match=r"^sample.sigmas: \(0.8, 80.0\); expected model times, noisiest first"):
+        sample(f, process, jax.random.key(1), x_T, sigmas=(0.8, 80.0))

@@ -32,6 +32,7 @@ CASES = {
     "pc": dict(steps=4, predictor="euler_maruyama", snr=0.1, n_corrector=2),
     "langevin": dict(steps=3, n_steps_each=2, step_lr=1e-4),
     "ode": dict(rtol=1e-2, atol=1e-2, ode_solver="bosh3"),
+    "consistency": dict(steps=3, spacing="karras"),  # on a diffusion model: denoise, re-noise (Algorithm 1)
 }
 
 

@@ -113,7 +113,7 @@ def test_clip_x0_bounds_the_result(sched):
 
 
 def test_bad_sampler_options(sched):
-    with pytest.raises(ValueError, match="sample.sampler: unknown sampler 'dpm'; choose one of: ddim, ddpm"):
+    with pytest.raises(ValueError, match="sample.sampler: unknown sampler 'dpm'; choose one of: consistency, ddim"):
         dj.samplers.get("dpm")
     x_T = jnp.zeros((2, 2))
     with pytest.raises(ValueError, match="sample.variance"):

@@ -105,7 +105,7 @@ def test_warmup_schedule():
     "field,value,message",
     [
         ("model.name", "resnet", "model.name: unknown model 'resnet'; choose one of: DiT-B/2, DiT-B/4"),
-        ("sample.sampler", "plms", "sample.sampler: unknown sampler 'plms'; choose one of: ddim, ddpm"),
+        ("sample.sampler", "plms", "sample.sampler: unknown sampler 'plms'; choose one of: consistency, ddim"),
         ("diffusion.schedule", "cosin", "diffusion.schedule: unknown schedule 'cosin'"),
         ("data.name", "mnist", "data.name: unknown dataset 'mnist'"),
         ("data.image_size", 12, "data.image_size"),

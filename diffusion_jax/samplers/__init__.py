@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from diffusion_jax.registry import Registry
 from diffusion_jax.samplers.chain import SampleInfo
+from diffusion_jax.samplers.consistency import consistency_sample
 from diffusion_jax.samplers.ddim import ddim_invert, ddim_sample, slerp
 from diffusion_jax.samplers.ddpm import ddpm_sample
 from diffusion_jax.samplers.dpm_solver import dpm_solver_pp_sample
@@ -34,11 +35,12 @@ SAMPLERS.register("heun")(functools.partial(edm_sample, solver="heun"))
 SAMPLERS.register("pc")(pc_sample)
 SAMPLERS.register("langevin")(annealed_langevin_sample)
 SAMPLERS.register("ode")(ode_sample)
+SAMPLERS.register("consistency")(consistency_sample)
 
 
 def get(name: str) -> Callable:
     """The sampler registered as `name`: 'ddpm' | 'ddim' | 'dpm_solver++' | 'euler' | 'heun' | 'pc' |
-    'langevin' | 'ode'."""
+    'langevin' | 'ode' | 'consistency'."""
     return SAMPLERS.get(name)
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "VARIANCES",
     "SampleInfo",
     "annealed_langevin_sample",
+    "consistency_sample",
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",
