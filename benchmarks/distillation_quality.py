@@ -46,7 +46,7 @@ def mixture() -> exact.GaussianMixture:
 
 
 def distill_mlp(
-    mix: exact.GaussianMixture, schedule: Any, teacher_steps: int, steps_per_round: int, batch: int = 1024,
+    mix: exact.GaussianMixture, schedule: Any, teacher_steps: int, steps_per_round: int, batch: int = 512,
     seed: int = 0, learning_rate: float = 1e-3,
 ) -> dict[int, tuple[nnx.GraphDef, nnx.State]]:
     """Progressive distillation from the exact teacher: {N: (graphdef, params) of the N-step student}."""
@@ -87,7 +87,7 @@ def distill_mlp(
 
 
 def consistency_mlp(
-    mix: exact.GaussianMixture, kind: str, steps: int, batch: int = 1024, seed: int = 0, learning_rate: float = 1e-3,
+    mix: exact.GaussianMixture, kind: str, steps: int, batch: int = 512, seed: int = 0, learning_rate: float = 1e-3,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """A consistency model f = c_skip x + c_out MLP(c_in x, c_noise) trained by consistency distillation
     from the exact denoiser (kind 'cd': N = 18, Heun teacher steps, squared L2, target EMA 0.95, as the CD
@@ -200,13 +200,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    teacher_steps, steps_per_round, consistency_steps, n = (64, 500, 3000, 4000) if args.quick else (
-        64, 3000, 18000, 20000)
+    teacher_steps, steps_per_round, consistency_steps, n = (64, 300, 2000, 4000) if args.quick else (
+        64, 2000, 10000, 20000)
     results = evaluate(teacher_steps, steps_per_round, consistency_steps, n)
     seconds = results["train_seconds"]
     text = (f"SW to {n} exact samples of the 2-D ring (8 modes, std 0.05); PD on `schedules.linear(1000)`, "
-            f"{steps_per_round} steps of batch 1024 per round ({seconds['progressive']:.0f} s for all rounds); CD "
-            f"and iCT on `sde.EDM`, {consistency_steps} steps of batch 1024 ({seconds['cd']:.0f} s, "
+            f"{steps_per_round} steps of batch 512 per round ({seconds['progressive']:.0f} s for all rounds); CD "
+            f"and iCT on `sde.EDM`, {consistency_steps} steps of batch 512 ({seconds['cd']:.0f} s, "
             f"{seconds['ict']:.0f} s); jax {jax.__version__}, {jax.devices()[0].platform}.\n\n" + markdown(results))
     print(text)
     if not args.quick:

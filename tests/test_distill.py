@@ -186,8 +186,10 @@ def test_consistency_sampling_in_one_and_two_steps_draws_the_data_distribution()
     sample = dj.samplers.get("consistency")
     one, info = sample(f, process, jax.random.key(1), x_T, steps=1, return_info=True)
     two = sample(f, process, jax.random.key(1), x_T, sigmas=(80.0, 0.8))
-    assert int(info.nfe) == 1
-    for x in (one, two):
+    karras, info_karras = sample(f, process, jax.random.key(1), x_T, steps=2, return_info=True)
+    assert int(info.nfe) == 1 and int(info_karras.nfe) == 2
+    assert not np.allclose(karras, one)  # the second level is above σ_min, where f is not the identity
+    for x in (one, two, karras):
         np.testing.assert_allclose(np.std(np.asarray(x), axis=0), s, rtol=0.03)
     with pytest.raises(ConfigError, match=r"^sample.sigmas: \(0.8, 80.0\); expected model times, noisiest first"):
         sample(f, process, jax.random.key(1), x_T, sigmas=(0.8, 80.0))

@@ -29,8 +29,9 @@ def consistency_sample(
     """Algorithm 1: x ← f(x_T, T); then for each chosen level τ, from the noisiest down,
     x_τ = α_τ x + sqrt(σ_τ² - α_τ² σ_min²) z and x ← f(x_τ, τ). NFE = the number of levels.
 
-    The levels are `steps` levels of `schedule` placed by `spacing` (EDM's 'karras' by default;
-    the noisiest is the process's top), or, with `sigmas`, chosen model times, noisiest first
+    The levels are the `steps` noisiest of `steps` + 1 levels of `schedule` placed by `spacing`
+    (EDM's 'karras' by default; the noisiest is the process's top, the dropped one its bottom,
+    where f is the identity), or, with `sigmas`, chosen model times, noisiest first
     (the paper picks them by a greedy search on FID, §6; on `sde.EDM` the model time is σ).
     `sigma_min` is the noise a consistency function's output keeps (its boundary σ_min;
     default `sde.EDM`'s sigma_min, else 0). `model_fn` is the consistency function f
@@ -54,8 +55,9 @@ def consistency_sample(
 
 
 def _levels(schedule: NoiseProcess, steps: int, spacing: str, sigmas: tuple[float, ...] | None) -> NoiseLevels:
-    if sigmas is None:
-        return noise_levels(schedule, steps, spacing)
+    if sigmas is None:  # `steps` + 1 levels less the cleanest: f at σ_min is the identity, a wasted evaluation
+        levels = noise_levels(schedule, steps + 1, spacing)
+        return NoiseLevels(*(a[1:] for a in levels))
     times = np.asarray(sigmas, np.float64)
     if times.ndim != 1 or len(times) == 0 or np.any(np.diff(times) >= 0):
         raise ConfigError(f"sample.sigmas: {tuple(sigmas)}; expected model times, noisiest first and decreasing")
