@@ -17,7 +17,7 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `text_encoder` (a dict of `width`, `depth`, `num_heads`; a transformer over `cond['tokens']` trained jointly,
   whose vocabulary comes from `data.captions`).
 - `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
-  `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | min_snr), `min_snr_gamma`,
+  `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | snr_plus_one | min_snr), `min_snr_gamma`,
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
   alone; both need `model.learn_sigma=True`), `vlb_weight` (lambda, 0.001), `timestep_sampling` ('uniform' |
   'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb').

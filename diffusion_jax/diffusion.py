@@ -21,7 +21,7 @@ from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")  # what a network can be trained to predict
 MODEL_OUTPUTS = PREDICTIONS + ("score",)  # what samplers accept (NCSN / score_sde networks output a score)
-WEIGHTINGS = ("none", "snr", "truncated_snr", "min_snr")
+WEIGHTINGS = ("none", "snr", "truncated_snr", "snr_plus_one", "min_snr")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B,...], t [B]) -> prediction
 
@@ -192,6 +192,7 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gam
       - 'none': the target's plain MSE (L_simple of Ho et al. Eq. 14 for eps);
       - 'snr': x_0 weight SNR, i.e. the eps-MSE whatever the target;
       - 'truncated_snr': x_0 weight max(SNR, 1) (Salimans & Ho 2022, §4);
+      - 'snr_plus_one': x_0 weight SNR + 1, i.e. the v-MSE whatever the target (Salimans & Ho 2022, §4);
       - 'min_snr': x_0 weight min(SNR, gamma) (Min-SNR-gamma, Hang et al. 2023, arXiv 2303.09556).
     """
     check_prediction(prediction)
@@ -204,6 +205,8 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gam
         x0_weight = snr
     elif weighting == "truncated_snr":
         x0_weight = jnp.maximum(snr, 1.0)
+    elif weighting == "snr_plus_one":
+        x0_weight = snr + 1.0
     else:  # min_snr
         x0_weight = jnp.minimum(snr, min_snr_gamma)
     return x0_weight / target_factor

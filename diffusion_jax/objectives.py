@@ -38,7 +38,7 @@ from diffusion_jax.metrics import image_quality
 from diffusion_jax.registry import Registry
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import run_config
-from diffusion_jax.training.setup import model_apply
+from diffusion_jax.training.setup import model_apply, network_output_fn
 
 
 class LossInputs(NamedTuple):
@@ -205,11 +205,13 @@ def distill(
                              config.training.num_steps)
     progressive.check_weighting(d.weighting)
     prediction, weighting = config.diffusion.prediction, d.weighting
+    prediction_of = network_output_fn(bool(config.model.get("learn_sigma")), {})  # a learned variance's half dropped
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         student_steps = progressive.student_steps(state.step, teacher_steps, steps_per_round)
-        student_fn = _mean_channels(network(graphdef, params, inputs))
-        teacher_fn = _mean_channels(lambda x_t, t: model_apply(graphdef, state.teacher, x_t, t, inputs.cond))
+        student_net = network(graphdef, params, inputs)
+        student_fn = lambda x_t, t: prediction_of(student_net(x_t, t))  # noqa: E731
+        teacher_fn = lambda x_t, t: prediction_of(model_apply(graphdef, state.teacher, x_t, t, inputs.cond))  # noqa: E731
         value, aux = progressive.distillation_loss(student_fn, teacher_fn, schedule, inputs.images, inputs.key,
                                                    student_steps, prediction=prediction, weighting=weighting)
         return value, aux | {"student_steps": student_steps.astype(jnp.float32)}
@@ -225,16 +227,6 @@ def distill(
     return Objective(loss, metrics=("student_steps",), shown=("loss", "student_steps", "grad_norm",
                                                               "images_per_sec"),
                      teacher=teacher, advance=advance, lr_horizon=steps_per_round)
-
-
-def _mean_channels(model_fn: diffusion.ModelFn) -> diffusion.ModelFn:
-    """A learned-variance network's prediction channels (the first half of its output), else its output."""
-
-    def fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        out = model_fn(x_t, t)
-        return out[..., : x_t.shape[-1]] if out.shape[-1] == 2 * x_t.shape[-1] else out
-
-    return fn
 
 
 def load_teacher(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> nnx.State:

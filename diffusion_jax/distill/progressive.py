@@ -86,12 +86,6 @@ def distillation_target(
     return (z_end - ratio * z_t) / (per_example(end.alpha, z_t) - ratio * per_example(start.alpha, z_t))
 
 
-def x0_weight(alpha: jax.Array, sigma: jax.Array, weighting: str) -> jax.Array:
-    """The x-space loss weight: max(SNR, 1) ('truncated_snr') or SNR + 1 ('snr_plus_one'), §4."""
-    snr = jnp.square(alpha / sigma)
-    return jnp.maximum(snr, 1.0) if weighting == "truncated_snr" else snr + 1.0
-
-
 def distillation_loss(
     student_fn: diffusion.ModelFn,
     teacher_fn: diffusion.ModelFn,
@@ -122,7 +116,8 @@ def distillation_loss(
     )
     x0_hat = x0_of(student_fn, z_t, at, prediction)
     mse = jnp.mean(jnp.square(x0_hat - target), axis=tuple(range(1, x0.ndim)))
-    return jnp.mean(x0_weight(at.alpha, at.sigma, weighting) * mse), {"t": at.t, "mse": mse}
+    log_snr = 2.0 * (jnp.log(at.alpha) - jnp.log(at.sigma))
+    return jnp.mean(diffusion.loss_weight(log_snr, "x0", weighting) * mse), {"t": at.t, "mse": mse}
 
 
 def check_weighting(weighting: str) -> None:
