@@ -172,14 +172,14 @@ def main(argv=None) -> None:
     from diffusion_jax.samplers import ddim_sample
     from diffusion_jax.training import optimizer
     from diffusion_jax.training import state as state_lib
-    from diffusion_jax.training.setup import build_model, build_schedule, model_apply
+    from diffusion_jax.training.setup import build_model, build_process, model_apply
     from diffusion_jax.training.step import make_train_step
 
     config, shape, batch = build_config(args)
     reps = args.reps or (3 if args.mode == "ddim" else 5)
     graphdef, init = build_model(config, shape)
     params = init(jax.random.key(0))
-    schedule = build_schedule(config)
+    schedule = build_process(config)
     x = jax.random.normal(jax.random.key(1), (batch, *shape))
     t = jnp.full((batch,), 500, jnp.int32)
     labels = jax.random.randint(jax.random.key(4), (batch,), 0, 10) if args.model == "dit-s2" else None

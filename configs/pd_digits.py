@@ -17,7 +17,7 @@ Samples: deterministic DDIM on the students' own 'trailing' grid, 4 steps.
 
 import ml_collections
 
-from diffusion_jax.config import base_config
+from diffusion_jax.config import base_config, sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,13 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _teacher_config() -> ml_collections.ConfigDict:
     """`ddpm_digits` with the command line of step 1 above."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm_digits.py")
-    spec = importlib.util.spec_from_file_location("ddpm_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = sibling_config(__file__, "ddpm_digits")
     config.diffusion.update(prediction="v", schedule="cosine")
     return config

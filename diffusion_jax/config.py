@@ -20,7 +20,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | snr_plus_one | min_snr), `min_snr_gamma`,
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
   alone; both need `model.learn_sigma=True`), `vlb_weight` (lambda, 0.001), `timestep_sampling` ('uniform' |
-  'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb').
+  'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb'), `process` ('discrete': the schedule
+  above, model time = the timestep index; 'edm': EDM's x + σ n with model time σ in [`sigma_min`, `sigma_max`]
+  and the network wrapped in `preconditioning` ('edm': Karras et al. Table 1; 'consistency': its σ_min-shifted
+  form, f(x, σ_min) = x exactly) with `sigma_data`; `models.Preconditioned`), `p_mean`, `p_std` (EDM training's
+  lognormal σ, `training.objective='edm'`).
 - `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine | linear),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
@@ -30,7 +34,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   with one line naming the step, the space it needed and had, and the newest intact step; 'retry': log that
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
-  `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'distill': progressive distillation
+  `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'edm': EDM's denoising loss on
+  `diffusion.process='edm'`; 'consistency': consistency distillation or training (`consistency` below);
+  'distill': progressive distillation
   (`distill` below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
   `label_dropout` (conditional models: the probability of training on the whole null condition (null label,
@@ -49,6 +55,13 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   parameters), `teacher_steps` (the DDIM steps the first teacher takes, a power of two; round r's student
   takes teacher_steps / 2^(r+1), sampled with `sample.spacing='trailing'`), `rounds`, `steps_per_round`
   (`training.num_steps` ≤ rounds × steps_per_round), `weighting` ('truncated_snr' | 'snr_plus_one').
+- `consistency` (`training.objective='consistency'`, `diffusion.process='edm'` with
+  `diffusion.preconditioning='consistency'`; `distill.consistency`): `teacher_workdir` (consistency distillation
+  from this diffusion run's probability-flow ODE, one Heun step per level; None: consistency training),
+  `num_levels` N of the Karras grid (ρ = `rho`) with `curriculum` 'fixed', or 'ict' (N doubles from `s0` to
+  `s1` over `training.num_steps`), `level_sampling` ('uniform' | 'lognormal' with `p_mean`, `p_std`),
+  `weighting` ('uniform' | 'inverse_gap'), `distance` ('l2' | 'pseudo_huber'), `target_ema_decay` (which of
+  `training.ema_decays` is the target network θ⁻; None: θ under stop_gradient, as iCT).
 - `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
   `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
@@ -80,6 +93,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `inception_batch_size`, `reference_stats` (an .npz with mu, sigma; None: computed from `reference_split` of the
   dataset and cached in <workdir>/eval/), `kid_subsets`, `kid_subset_size`.
 """
+
+import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -120,6 +135,13 @@ def base_config() -> ml_collections.ConfigDict:
             loss="simple",
             vlb_weight=0.001,
             timestep_sampling="uniform",
+            process="discrete",
+            preconditioning="edm",
+            sigma_min=0.002,
+            sigma_max=80.0,
+            sigma_data=0.5,
+            p_mean=-1.2,
+            p_std=1.2,
         )
     )
     config.optim = ml_collections.ConfigDict(
@@ -161,6 +183,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.distill = ml_collections.ConfigDict(
         dict(teacher_workdir=placeholder(str), teacher_steps=placeholder(int), rounds=placeholder(int),
              steps_per_round=placeholder(int), weighting="truncated_snr")
+    )
+    config.consistency = ml_collections.ConfigDict(
+        dict(teacher_workdir=placeholder(str), num_levels=18, curriculum="fixed", s0=10,
+             s1=1280, level_sampling="uniform", p_mean=-1.1, p_std=2.0, weighting="uniform", distance="l2",
+             target_ema_decay=placeholder(float), rho=7.0)
     )
     config.autoencode = ml_collections.ConfigDict(
         dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")
@@ -231,3 +258,19 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     return config
+
+
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path`, loaded by path as `--config=` loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name`.py beside `config_file`: a config that builds on another
+    (configs are loaded by path, not imported as a package)."""
+    return config_from_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))

@@ -14,6 +14,14 @@ target, teacher or timestep history) and which of its auxiliary outputs are logg
                 (Rombach et al. 2022, Appendix G; `autoencoder_loss`)
   'distill'     progressive distillation of the `distill.teacher_workdir` run into a student that
                 takes half its DDIM steps, round after round (Salimans & Ho 2022; `distill.progressive`)
+  'edm'         EDM's λ(σ)-weighted denoising loss at lognormal σ on `diffusion.process='edm'`, whose
+                network is the preconditioned D(x; σ) (Karras et al. 2022, Eq. 8; `edm_loss`)
+  'consistency' consistency distillation from `consistency.teacher_workdir`'s probability-flow ODE, or
+                consistency training without it (Song et al. 2023; iCT, Song & Dhariwal 2023;
+                `distill.consistency`)
+
+Each entry trains on one kind of `diffusion.process`: 'edm' and 'consistency' on 'edm', the
+others on the discrete schedule ('autoencode' on none).
 
 Register a new objective with `@OBJECTIVES.register(name)` on a builder
 `(config, graphdef, schedule, example_shape) -> Objective`. The math lives in the family's module
@@ -31,14 +39,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, vlb
-from diffusion_jax.distill import progressive
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, vlb
+from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import image_quality
 from diffusion_jax.registry import Registry
-from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import run_config
-from diffusion_jax.training.setup import model_apply, network_output_fn
+from diffusion_jax.training.setup import Process, model_apply, network_output_fn
 
 
 class LossInputs(NamedTuple):
@@ -70,14 +77,16 @@ class Objective(NamedTuple):
     # The steps the optimiser's learning-rate schedule spans (an `advance` that restarts the optimiser every
     # so many steps); None: training.num_steps.
     lr_horizon: int | None = None
+    # The student starts as a copy of `teacher` (its network); False: from the model's initialiser.
+    student_from_teacher: bool = True
 
 
-Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, Schedule, tuple[int, ...]], Objective]
+Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, Process, tuple[int, ...]], Objective]
 OBJECTIVES: Registry[Builder] = Registry("objective", "training.objective")
 
 
 def build(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
 ) -> Objective:
     """The objective of `training.objective` for this model, noise schedule and example shape [H, W, C]."""
     return OBJECTIVES.get(config.training.get("objective", "denoise"))(config, graphdef, schedule, example_shape)
@@ -94,10 +103,11 @@ def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> di
 
 @OBJECTIVES.register("denoise")
 def denoise(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
 ) -> Objective:
     """`diffusion.loss`: 'simple' (with `loss_weighting`, `min_snr_gamma`), 'hybrid' (`vlb_weight`) or
     'vlb' (with `timestep_sampling='importance'`, t drawn from the state's `timestep_history`)."""
+    require_process(config, "discrete")
     d = config.diffusion
     loss_name, prediction = d.get("loss", "simple"), d.prediction
 
@@ -120,9 +130,10 @@ def denoise(
 
 @OBJECTIVES.register("classify")
 def classify(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
 ) -> Objective:
     """The classifier's logits [B, K] on x_t ~ q(x_t | x_0) at t ~ U{0..T-1}; targets are the labels."""
+    require_process(config, "discrete")
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits_fn = network(graphdef, params, inputs)
@@ -137,7 +148,7 @@ FIRST_STAGE_METRICS = ("rec", "kl", "g_adv", "d_weight", "d_loss", "psnr")
 
 @OBJECTIVES.register("autoencode")
 def autoencode(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
 ) -> Objective:
     """LDM's first stage on a `models.FirstStage` (`config.autoencode`: kl_weight, disc_start,
     disc_weight, rec_kind, pixel_reduction); no diffusion schedule is used."""
@@ -185,7 +196,7 @@ def first_stage_loss(
 
 @OBJECTIVES.register("distill")
 def distill(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Schedule, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
 ) -> Objective:
     """Progressive distillation (`distill.progressive`) of `distill.teacher_workdir` (its `sample.ema_decay`
     parameters): round r trains steps [r S, (r + 1) S) of S = `distill.steps_per_round` for a student of
@@ -198,6 +209,7 @@ def distill(
     `diffusion.prediction` must be the teacher's, and so must the example shape; a learned
     variance's channels are carried along untrained. Errors are one line naming the field, before anything compiles.
     """
+    require_process(config, "discrete")
     d = config.distill
     teacher = load_teacher(config, schedule, example_shape)
     teacher_steps, steps_per_round = d.teacher_steps, d.steps_per_round
@@ -229,7 +241,7 @@ def distill(
                      teacher=teacher, advance=advance, lr_horizon=steps_per_round)
 
 
-def load_teacher(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> nnx.State:
+def load_teacher(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> nnx.State:
     """The parameters of `distill.teacher_workdir` (the EMA its config samples with), checked to be this run's
     network on this run's data and schedule."""
     from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
@@ -240,18 +252,16 @@ def load_teacher(config: ml_collections.ConfigDict, schedule: Schedule, example_
         raise ConfigError(f"{field}: None; training.objective='distill' needs the workdir of a trained diffusion run")
     teacher = load(workdir, field=field)
     trained = teacher.config
-    if trained.training.get("objective", "denoise") != "denoise":
-        raise ConfigError(f"{field}: {workdir} is a training.objective={trained.training.objective!r} run, "
-                          f"not a diffusion model")
-    if tuple(teacher.example_shape) != tuple(example_shape):
-        raise ConfigError(f"data.image_size: the teacher {workdir} models {tuple(teacher.example_shape)} examples; "
-                          f"this run's are {tuple(example_shape)}")
+    check_teacher(teacher, workdir, field, example_shape)
     changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
     changes.pop("dropout", None)  # a training regulariser, not part of the function (the paper's students use 0)
     if changes:
         key, (had, has) = next(iter(changes.items()))
         raise ConfigError(f"model.{key}: the student is the teacher's network, and {workdir} has {had!r}, "
                           f"this config {has!r}")
+    if trained.diffusion.get("process", "discrete") != "discrete":
+        raise ConfigError(f"{field}: {workdir} was trained on diffusion.process={trained.diffusion.process!r}; "
+                          "progressive distillation halves DDIM steps of a discrete schedule")
     if trained.diffusion.prediction != config.diffusion.prediction:
         raise ConfigError(f"diffusion.prediction: the teacher {workdir} predicts {trained.diffusion.prediction!r}, "
                           f"this config {config.diffusion.prediction!r}")
@@ -259,3 +269,95 @@ def load_teacher(config: ml_collections.ConfigDict, schedule: Schedule, example_
         raise ConfigError(f"diffusion.schedule: the teacher {workdir} was trained on another noise schedule "
                           f"({trained.diffusion.schedule!r}, T={trained.diffusion.num_timesteps}); use its schedule")
     return teacher.params
+
+
+def require_process(config: ml_collections.ConfigDict, process: str) -> None:
+    """A one-line ConfigError unless `diffusion.process` is the one this objective trains on."""
+    objective, has = config.training.get("objective", "denoise"), config.diffusion.get("process", "discrete")
+    if has != process:
+        hint = {"edm": " (or training.objective='edm' / 'consistency' for 'edm')"}.get(has, "")
+        raise ConfigError(f"diffusion.process: {has!r}; training.objective={objective!r} trains on "
+                          f"{process!r}{hint}")
+
+
+@OBJECTIVES.register("edm")
+def edm(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+) -> Objective:
+    """EDM's Eq. 8 (`edm_loss`) on the preconditioned network D(x; σ) of `diffusion.process='edm'`,
+    σ lognormal with `diffusion.p_mean`, `diffusion.p_std`, weighted by λ(σ) with `diffusion.sigma_data`."""
+    require_process(config, "edm")
+    d = config.diffusion
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return edm_loss.edm_loss(network(graphdef, params, inputs), inputs.images, inputs.key, p_mean=d.p_mean,
+                                 p_std=d.p_std, sigma_data=d.sigma_data)
+
+    return Objective(loss)
+
+
+@OBJECTIVES.register("consistency")
+def consistency_objective(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+) -> Objective:
+    """Consistency distillation (`consistency.teacher_workdir`: one Heun step of the teacher's probability-flow
+    ODE per level, Algorithm 2) or training (none: Algorithm 3, and iCT with `curriculum='ict'`,
+    `level_sampling='lognormal'`, `weighting='inverse_gap'`, `distance='pseudo_huber'`,
+    `target_ema_decay=None`) of the network f(x, σ) of `diffusion.preconditioning='consistency'`
+    (`distill.consistency.consistency_loss`).
+
+    The target network θ⁻ is the EMA of `consistency.target_ema_decay` (one of `training.ema_decays`, so
+    checkpointed and resumed with the run), or θ under stop_gradient; it sees the student's dropout mask.
+    The teacher is any diffusion run on this data (a discrete-schedule run is read in the VE scale,
+    `consistency.ve_denoiser`); the student starts as it when it is an 'edm' run of this `model`.
+    """
+    from diffusion_jax.loading import ema_index, load  # loading builds on training.setup, as this module does
+
+    require_process(config, "edm")
+    d, c = config.diffusion, config.consistency
+    if d.preconditioning != "consistency":
+        raise ConfigError(f"diffusion.preconditioning: {d.preconditioning!r}; training.objective='consistency' "
+                          "needs 'consistency', whose f(x, σ_min) = x exactly")
+    consistency.check_options(c)
+    grid = consistency.Grid(d.sigma_min, d.sigma_max, d.sigma_data, c.rho)
+    target_index = ema_index(config, c.target_ema_decay, "consistency.target_ema_decay")
+    ict = c.curriculum == "ict"
+    total_steps, max_levels = config.training.num_steps, (c.s1 + 1 if c.curriculum == "ict" else c.num_levels)
+    teacher, teacher_fn, student_from_teacher = None, None, False
+    if c.teacher_workdir is not None:
+        field = "consistency.teacher_workdir"
+        loaded = load(c.teacher_workdir, field=field)
+        check_teacher(loaded, c.teacher_workdir, field, example_shape)
+        teacher, trained = loaded.params, loaded.config
+        student_from_teacher = (trained.diffusion.get("process", "discrete") == "edm"
+                                and not run_config.diff(run_config.as_json(trained.model),
+                                                        run_config.as_json(config.model)))
+        prediction_of = network_output_fn(bool(trained.model.get("learn_sigma")), {})
+
+        def teacher_fn(teacher_params: nnx.State, cond: conditioning.Cond) -> diffusion.ModelFn:
+            apply = lambda x, t: prediction_of(model_apply(loaded.graphdef, teacher_params, x, t, cond))  # noqa: E731
+            return consistency.ve_denoiser(apply, loaded.schedule, trained.diffusion.prediction)
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        num_levels = consistency.ict_num_levels(state.step, total_steps, c.s0, c.s1) if ict else c.num_levels
+        target_params = (jax.lax.stop_gradient(params) if target_index is None
+                         else state.ema_params[target_index])
+        value, aux = consistency.consistency_loss(
+            network(graphdef, params, inputs), network(graphdef, target_params, inputs), inputs.images, inputs.key,
+            num_levels, teacher_denoise=None if teacher_fn is None else teacher_fn(state.teacher, inputs.cond),
+            grid=grid, distance_kind=c.distance, level_sampling=c.level_sampling, max_levels=max_levels,
+            weighting=c.weighting, p_mean=c.p_mean, p_std=c.p_std)
+        return value, aux | {"num_levels": jnp.asarray(num_levels, jnp.float32)}
+
+    return Objective(loss, metrics=("num_levels",), shown=("loss", "num_levels", "grad_norm", "images_per_sec"),
+                     teacher=teacher, student_from_teacher=student_from_teacher)
+
+
+def check_teacher(loaded: Any, workdir: str, field: str, example_shape: tuple[int, ...]) -> None:
+    """A teacher must be a diffusion model of this run's examples (one-line ConfigErrors)."""
+    objective = loaded.config.training.get("objective", "denoise")
+    if objective not in ("denoise", "edm"):
+        raise ConfigError(f"{field}: {workdir} is a training.objective={objective!r} run, not a diffusion model")
+    if tuple(loaded.example_shape) != tuple(example_shape):
+        raise ConfigError(f"data.image_size: the teacher {workdir} models {tuple(loaded.example_shape)} examples; "
+                          f"this run's are {tuple(example_shape)}")

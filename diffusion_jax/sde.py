@@ -370,19 +370,22 @@ def preconditioning(
 
 
 def precondition(
-    backbone: Callable[[jax.Array, jax.Array], jax.Array], kind: str = "edm", sigma_data: float = 0.5
+    backbone: Callable[[jax.Array, jax.Array], jax.Array], kind: str = "edm", sigma_data: float = 0.5,
+    c_noise_scale: float = 1.0,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Wraps a raw network F(x, c_noise) into EDM's denoiser D(x; sigma) (Karras et al. Eq. 7).
 
     The result is a `model_fn(x [B, ...], sigma [B]) -> x̂_0` with prediction='x0', the
     model function of the `EDM` process (whose model time is sigma); any backbone that takes
-    (x, noise-conditioning [B]) works.
+    (x, noise-conditioning [B]) works; it gets `c_noise_scale` c_noise (1000 for a network that embeds
+    DDPM's timesteps, `models.Preconditioned`).
     """
     if kind not in PRECONDITIONINGS:
         raise ConfigError(f"model.preconditioning: unknown {kind!r}; choose one of: {', '.join(PRECONDITIONINGS)}")
 
     def denoiser(x: jax.Array, sigma: jax.Array) -> jax.Array:
         c = preconditioning(kind, sigma, sigma_data)
-        return per_example(c.c_skip, x) * x + per_example(c.c_out, x) * backbone(per_example(c.c_in, x) * x, c.c_noise)
+        out = backbone(per_example(c.c_in, x) * x, c_noise_scale * c.c_noise)
+        return per_example(c.c_skip, x) * x + per_example(c.c_out, x) * out
 
     return denoiser

@@ -4,7 +4,6 @@ XLA reads its flags when JAX starts its backend, so they are set here, before an
 test module runs a JAX computation.
 """
 
-import importlib.util
 import os
 import tempfile
 
@@ -40,7 +39,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from diffusion_jax.config import base_config  # noqa: E402
+from diffusion_jax.config import base_config, config_from_file  # noqa: E402
 from diffusion_jax.data import prepare_digits  # noqa: E402
 
 
@@ -68,11 +67,8 @@ def tiny_digits_config(data_dir: str) -> ml_collections.ConfigDict:
 
 def load_config(name: str) -> ml_collections.ConfigDict:
     """configs/<name>.py, loaded from its file as the entry point loads it."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                         f"{name}.py"))
 
 
 def swissroll_config() -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.training.loop import train
 from diffusion_jax.training.sampling import generate, sample_labels
-from diffusion_jax.training.setup import build_model, build_schedule
+from diffusion_jax.training.setup import build_model, build_process
 
 NUM_STEPS = 800  # the slow test's training length
 
@@ -41,7 +41,7 @@ def test_the_train_step_feeds_the_network_null_labels_at_training_label_dropout(
     graphdef, init = build_model(config, (8, 8, 1))
     tx = optimizer.make_optimizer(config.optim, 4)
     state = state_lib.create(init(jax.random.key(0)), tx, len(config.training.ema_decays), jax.random.key(1))
-    objective = objectives.build(config, graphdef, build_schedule(config), (8, 8, 1))
+    objective = objectives.build(config, graphdef, build_process(config), (8, 8, 1))
     train_step = jax.jit(step_lib.make_train_step(graphdef, objective, tx, lambda s: 1e-3, config))
     labels = jnp.arange(4096, dtype=jnp.int32) % 10
     batch = {"image": jnp.zeros((4096, 8, 8, 1)), "label": labels}

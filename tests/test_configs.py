@@ -8,7 +8,7 @@ from flax import nnx
 from diffusion_jax import data, models
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
-from diffusion_jax.training.setup import build_model, build_schedule, check_config, model_apply, model_kwargs
+from diffusion_jax.training.setup import build_model, build_process, check_config, model_apply, model_kwargs
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,7 @@ from diffusion_jax.training.setup import build_model, build_schedule, check_conf
 def test_config_builds_abstractly(name):
     config = load_config(name)
     shape = data.example_shape(config.data)
-    schedule = build_schedule(config)
+    schedule = build_process(config)
     graphdef, _ = build_model(config, shape)  # constructor checks, nothing allocated
     check_config(config, schedule, shape)
     assert graphdef is not None
@@ -29,7 +29,7 @@ def test_ldm_digits_builds_on_the_latents_of_ae_digits():
     latent_shape = (config.data.image_size // f, config.data.image_size // f, first_stage.model.latent_channels)
     assert latent_shape == (4, 4, 4) and config.latent.autoencoder_workdir == "runs/ae_digits"
     build_model(config, latent_shape)
-    check_config(config, build_schedule(config), latent_shape)
+    check_config(config, build_process(config), latent_shape)
 
 
 def test_ddpm_cifar_is_ho_et_al():
@@ -45,7 +45,7 @@ def test_ddpm_cifar_is_ho_et_al():
     kwargs = model_kwargs(c, data.example_shape(c.data))
     n = models.count_params(lambda: models.create(c.model.name, rngs=nnx.Rngs(0), **kwargs))
     assert abs(n - 35.7e6) < 0.1e6, n
-    betas = build_schedule(c).betas
+    betas = build_process(c).betas
     assert jax.numpy.allclose(jax.numpy.stack([betas[0], betas[-1]]), jax.numpy.array([1e-4, 0.02]))
 
 
@@ -96,7 +96,7 @@ def test_ldm_cin256_is_rombach_et_al():
     d = c.diffusion
     assert (d.schedule, d.num_timesteps, d.prediction, d.loss) == ("scaled_linear", 1000, "eps", "simple")
     assert d.loss_weighting == "none"  # L_simple
-    betas = build_schedule(c).betas  # sqrt-linear as LDM's, but SD's endpoints, not cin256's 0.0015 -> 0.0195
+    betas = build_process(c).betas  # sqrt-linear as LDM's, but SD's endpoints, not cin256's 0.0015 -> 0.0195
     assert jax.numpy.allclose(jax.numpy.stack([betas[0], betas[-1]]), jax.numpy.array([0.00085, 0.012]))
     o = c.optim
     assert (o.name, o.learning_rate, o.weight_decay, o.warmup_steps, o.grad_clip_norm) == ("adamw", 1e-4, 0.01, 0, 0)
@@ -114,7 +114,7 @@ def test_ldm_cin256_is_rombach_et_al():
     assert round(unet / 1e4) == 40092, unet  # "DiffusionWrapper has 400.92 M params" (the cin256-v2 notebook)
     assert abs(n - 400e6) < 0.01 * 400e6, n  # Tables 3 and 10: 400M, rounded (Table 15 prints 395M)
     validate_config(c, num_devices=8, num_processes=1)
-    check_config(c, build_schedule(c), latent_shape)
+    check_config(c, build_process(c), latent_shape)
     with pytest.raises(ConfigError, match=r"^latent.autoencoder_workdir: .* has no checkpoints/"):
         experiment.build(c)  # no VQ-f4 first stage here (see the docstring)
 

@@ -16,7 +16,7 @@ from diffusion_jax.metrics.train_digits_classifier import (
     train_classifier,
     write_weights,
 )
-from diffusion_jax.training.setup import build_model, build_schedule, model_apply
+from diffusion_jax.training.setup import build_model, build_process, model_apply
 
 NUM_TEST = 297  # the test split; every FID below is at this N, so the values are comparable
 
@@ -49,7 +49,7 @@ def untrained_samples(digits_data_dir) -> np.ndarray:
 
     x_T = jax.random.normal(jax.random.key(1), (NUM_TEST, 8, 8, 1))
     sampler = dj.samplers.get("ddim")
-    return np.asarray(sampler(model_fn, build_schedule(config), jax.random.key(2), x_T, steps=5, prediction="eps"))
+    return np.asarray(sampler(model_fn, build_process(config), jax.random.key(2), x_T, steps=5, prediction="eps"))
 
 
 def gaussian_noise(n: int) -> np.ndarray:

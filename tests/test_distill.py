@@ -1,6 +1,7 @@
 """Progressive distillation: the round target against two independent DDIM steps, the round plan,
 and a distillation run that hands the teacher on between rounds and resumes mid-round exactly."""
 
+import json
 import shutil
 
 import jax
@@ -193,3 +194,96 @@ def test_consistency_sampling_in_one_and_two_steps_draws_the_data_distribution()
         np.testing.assert_allclose(np.std(np.asarray(x), axis=0), s, rtol=0.03)
     with pytest.raises(ConfigError, match=r"^sample.sigmas: \(0.8, 80.0\); expected model times, noisiest first"):
         sample(f, process, jax.random.key(1), x_T, sigmas=(0.8, 80.0))
+
+
+# --- consistency distillation and training as runs -------------------------------------------------------
+
+
+def consistency_config(data_dir: str, teacher_workdir=None, **options) -> ml_collections.ConfigDict:
+    config = tiny_digits_config(data_dir)
+    config.diffusion.update(process="edm", preconditioning="consistency", prediction="x0")
+    config.training.update(objective="consistency", num_steps=4, checkpoint_every=1, keep_checkpoints=None,
+                           sample_every=0, log_every=1, ema_decays=(0.5, 0.9))
+    config.consistency.update(teacher_workdir=None if teacher_workdir is None else str(teacher_workdir),
+                              num_levels=6, **options)
+    config.sample.update(sampler="consistency", steps=2, clip_x0=None, ema_decay=0.9)
+    config.eval.metrics = ("digits",)
+    return config
+
+
+@pytest.fixture(scope="module")
+def edm_teacher_workdir(tmp_path_factory, digits_data_dir):
+    config = consistency_config(digits_data_dir)
+    config.diffusion.preconditioning = "edm"
+    config.training.update(objective="edm", num_steps=1, sample_every=0)
+    workdir = tmp_path_factory.mktemp("edm_teacher")
+    train(config, workdir)
+    return workdir
+
+
+def test_consistency_distillation_starts_from_an_edm_teacher_targets_its_ema_and_resumes_exactly(
+    edm_teacher_workdir, digits_data_dir, tmp_path
+):
+    config = consistency_config(digits_data_dir, edm_teacher_workdir, target_ema_decay=0.5)
+    config.training.sample_every = 4
+    objective = experiment.build(config).objective
+    assert objective.student_from_teacher and objective.metrics == ("num_levels",)
+    final = train(config, tmp_path / "straight")
+    checkpoints = Checkpointer(tmp_path / "straight" / "checkpoints")
+    first = checkpoints.restore_step(1, experiment.build(config).abstract_state)
+    checkpoints.close()
+    teacher = dj.load(edm_teacher_workdir).params
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, first.teacher, teacher)))  # frozen, checkpointed
+    assert (tmp_path / "straight" / "samples" / "samples_4.png").exists()  # the 2-step consistency sampler
+
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("4", "lock.json"))
+    resumed = train(consistency_config(digits_data_dir, edm_teacher_workdir, target_ema_decay=0.5),
+                    tmp_path / "resumed")
+    for a, b in ((resumed.params, final.params), (resumed.ema_params, final.ema_params)):
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_ict_resumes_mid_curriculum_exactly(digits_data_dir, tmp_path):
+    # N doubles from s0 = 2 at step 2 of 4 (two stages of K' = 2 steps); killed after step 3.
+    options = dict(curriculum="ict", s0=2, s1=4, level_sampling="lognormal", weighting="inverse_gap",
+                   distance="pseudo_huber")
+    final = train(consistency_config(digits_data_dir, **options), tmp_path / "straight")
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    levels = {row["step"]: row["num_levels"] for row in logged if "num_levels" in row}
+    assert levels == {1: 3.0, 2: 3.0, 3: 5.0, 4: 5.0}
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("4", "lock.json"))
+    resumed = train(consistency_config(digits_data_dir, **options), tmp_path / "resumed")
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, resumed.params, final.params)))
+
+
+def test_consistency_config_errors_name_the_field(edm_teacher_workdir, digits_data_dir, tmp_path):
+    for config, message in [
+        (consistency_config(digits_data_dir, tmp_path / "nowhere"),
+         r"^consistency.teacher_workdir: .*nowhere has no checkpoints/"),
+        (consistency_config(digits_data_dir, target_ema_decay=0.7), r"^consistency.target_ema_decay: 0.7"),
+        (consistency_config(digits_data_dir, distance="lpips"), r"^consistency.distance: unknown 'lpips'"),
+        (consistency_config(digits_data_dir, curriculum="ict", s0=8, s1=4), r"^consistency.s0, consistency.s1: 8, 4"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            experiment.build(config)
+    config = consistency_config(digits_data_dir)
+    config.diffusion.preconditioning = "edm"
+    with pytest.raises(ConfigError, match=r"^diffusion.preconditioning: 'edm'; training.objective='consistency' "
+                                          r"needs 'consistency'"):
+        experiment.build(config)
+    config = consistency_config(digits_data_dir, edm_teacher_workdir)
+    config.data.image_size = 16
+    config.model.attn_resolutions = (8,)
+    with pytest.raises(ConfigError, match=r"^data.image_size: the teacher .* models \(8, 8, 1\) examples"):
+        experiment.build(config)
+
+
+def test_a_discrete_teacher_is_read_in_the_ve_scale():
+    schedule = schedules.linear(1000)
+    mixture = exact.ring(4, std=0.1)
+    on_schedule = exact.x0_model(mixture, dj.sde.DiscreteVP.from_schedule(schedule))  # at fractional times
+    ve = consistency.ve_denoiser(on_schedule, schedule, "x0")
+    x = jnp.asarray(mixture.sample(np.random.default_rng(0), 64), jnp.float32)
+    sigma = jnp.full((64,), 2.0)
+    noisy = x + 2.0 * jax.random.normal(jax.random.key(0), x.shape)
+    np.testing.assert_allclose(ve(noisy, sigma), exact.x0_model(mixture, dj.sde.EDM())(noisy, sigma), atol=2e-3)

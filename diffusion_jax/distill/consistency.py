@@ -18,14 +18,14 @@ the weight 1/(σ_{n+1} - σ_n), levels drawn from a discretised lognormal, and N
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import erf
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, sde
 from diffusion_jax.diffusion import per_example
 from diffusion_jax.errors import ConfigError
 
@@ -105,6 +105,41 @@ def check_distance(kind: str) -> None:
         raise ConfigError(f"consistency.distance: unknown distance {kind!r}; choose one of: {', '.join(DISTANCES)}")
 
 
+CHOICES = {"curriculum": ("fixed", "ict"), "level_sampling": ("uniform", "lognormal"),
+           "weighting": ("uniform", "inverse_gap"), "distance": DISTANCES}
+
+
+def check_options(options: Any) -> None:
+    """One-line ConfigErrors for the `consistency` config section's choices and grid sizes."""
+    for name, allowed in CHOICES.items():
+        if options[name] not in allowed:
+            raise ConfigError(f"consistency.{name}: unknown {options[name]!r}; choose one of: {', '.join(allowed)}")
+    if options.curriculum == "fixed" and not (isinstance(options.num_levels, int) and options.num_levels >= 2):
+        raise ConfigError(f"consistency.num_levels: {options.num_levels!r}; need an int >= 2 (the grid's N)")
+    if options.curriculum == "ict" and not 2 <= options.s0 <= options.s1:
+        raise ConfigError(f"consistency.s0, consistency.s1: {options.s0}, {options.s1}; need 2 <= s0 <= s1")
+
+
+def ve_denoiser(model_fn: diffusion.ModelFn, process: Any, prediction: str) -> diffusion.ModelFn:
+    """A diffusion model's x̂_0 as a function of the VE-scale point (x, σ) the consistency grid uses.
+
+    On `sde.EDM` the model time is σ and x is its input. On any other process (a discrete schedule through
+    `sde.DiscreteVP`'s continuous view) x_VE = x_t / α_t and σ = σ_t / α_t, so the model is called at the
+    time t whose log-SNR is -2 ln σ with x_t = α_t x (σ beyond the process's range clips to its ends).
+    """
+    if isinstance(process, sde.EDM):
+        return lambda x, sigma: diffusion.to_x0_eps(model_fn(x, sigma), x, 1.0, per_example(sigma, x), prediction).x0
+    continuous = sde.as_process(process)
+
+    def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
+        t = continuous.time_at_log_snr(-2.0 * jnp.log(sigma))
+        alpha, sigma_t = (per_example(a, x) for a in continuous.alpha_sigma(t))
+        x_t = alpha * x
+        return diffusion.to_x0_eps(model_fn(x_t, t), x_t, alpha, sigma_t, prediction).x0
+
+    return denoise
+
+
 def ict_num_levels(step: jax.Array, total_steps: int, s0: int = 10, s1: int = 1280) -> jax.Array:
     """iCT's discretisation curriculum N(k) = min(s0 2^⌊k / K'⌋, s1) + 1 with
     K' = ⌊K / (log2⌊s1 / s0⌋ + 1)⌋ (Song & Dhariwal 2023, §3.4)."""
@@ -138,6 +173,8 @@ def consistency_loss(
     level_sampling: str = "uniform",
     max_levels: int | None = None,
     weighting: str = "uniform",
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One minibatch of CD (with `teacher_denoise`, Algorithm 2) or CT (without, Algorithm 3).
 
@@ -146,14 +183,15 @@ def consistency_loss(
     (CT); loss = mean_B λ(σ_n) d(f_θ(x_{σ_{n+1}}, σ_{n+1}), f_θ⁻(x̂_{σ_n}, σ_n)), λ = 1 ('uniform') or
     1 / (σ_{n+1} - σ_n) ('inverse_gap', iCT). `student_fn` and `target_fn` are consistency functions
     (`consistency_function`); the target is under stop_gradient. `num_levels` N may be traced (then
-    `max_levels` bounds it). Returns (loss, {'sigma': σ_{n+1} [B], 'distance': d [B]}).
+    `max_levels` bounds it); `p_mean`, `p_std` are the lognormal's. Returns
+    (loss, {'sigma': σ_{n+1} [B], 'distance': d [B]}).
     """
     check_distance(distance_kind)
     n_key, z_key = jax.random.split(key)
     batch = x0.shape[0]
     num_levels = jnp.asarray(num_levels, jnp.int32)
     if level_sampling == "lognormal":
-        probs = lognormal_level_probs(num_levels, max_levels or int(num_levels), grid)
+        probs = lognormal_level_probs(num_levels, max_levels or int(num_levels), grid, p_mean, p_std)
         n = jax.random.choice(n_key, probs.shape[0], (batch,), p=probs)
     else:
         n = jax.random.randint(n_key, (batch,), 0, num_levels - 1)

@@ -17,6 +17,7 @@ from diffusion_jax.models.classifier import EncoderUNet
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.first_stage import FirstStage
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.preconditioned import Preconditioned
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.registry import Registry
 
@@ -53,5 +54,6 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
 
 
 __all__ = [
-    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "UNet", "count_params", "create", "dit", "layers", "names",
+    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "Preconditioned", "UNet", "count_params", "create", "dit",
+    "layers", "names",
 ]

@@ -13,18 +13,17 @@ from jax.sharding import Mesh, NamedSharding
 
 from diffusion_jax import data, latent, loading, objectives, vlb
 from diffusion_jax.runtime import enable_compilation_cache
-from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
-from diffusion_jax.training.setup import build_model, build_schedule, check_config
+from diffusion_jax.training.setup import Process, build_model, build_process, check_config
 from diffusion_jax.training.step import make_train_step
 from diffusion_jax.validation import validate_config
 
 
 class Experiment(NamedTuple):
-    schedule: Schedule
+    schedule: Process  # `diffusion.process`: the discrete schedule, or sde.EDM (`setup.build_process`)
     example_shape: tuple[int, ...]
     graphdef: nnx.GraphDef
     init_state: Callable[[], state_lib.TrainState]  # jitted: the step-0 state, created sharded
@@ -53,7 +52,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     mesh = mesh_lib.make_mesh(config.get("mesh"), devices)  # checks the mesh against the devices
     validate_config(config, mesh_lib.batch_shards(mesh), jax.process_count())
     ema_index(config)
-    schedule = build_schedule(config)
+    schedule = build_process(config)
     image_shape = data.example_shape(config.data)
     first_stage = latent.load_first_stage(config, image_shape, mesh_lib.replicated(mesh))  # None: pixel space
     example_shape = image_shape if first_stage is None else first_stage.latent_shape
@@ -66,12 +65,14 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     tx = optimizer.make_optimizer(config.optim, horizon)
     base_lr = optimizer.learning_rate_schedule(config.optim, horizon)
     importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
-    num_timesteps = schedule.num_timesteps
 
     def create_state(teacher: nnx.State | None) -> state_lib.TrainState:
-        # A distillation student starts as its teacher (a copy: the state's buffers are donated).
-        params = init_params(jax.random.fold_in(root_key, 0)) if teacher is None else jax.tree.map(jnp.copy, teacher)
-        history = vlb.TimestepHistory.create(num_timesteps) if importance else None
+        # A distillation student may start as its teacher (a copy: the state's buffers are donated).
+        if teacher is not None and objective.student_from_teacher:
+            params = jax.tree.map(jnp.copy, teacher)
+        else:
+            params = init_params(jax.random.fold_in(root_key, 0))
+        history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)
 

@@ -206,8 +206,10 @@ def state_shardings(
         tx, lambda _, sharding: sharding, state.opt_state, params,
         transform_non_params=lambda _: replicated(mesh),
     )
+    teacher = None if state.teacher is None else jax.tree.map(to_named, param_specs(state.teacher, mesh, rules,
+                                                                                    min_size))
     return everything.replace(params=params, ema_params=tuple(params for _ in state.ema_params), opt_state=opt_state,
-                              teacher=None if state.teacher is None else params)
+                              teacher=teacher)
 
 
 def describe(shardings: Any, state: Any) -> str:

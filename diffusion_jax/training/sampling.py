@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import conditioning, distributed, guidance
+from diffusion_jax import conditioning, distributed, guidance, sde
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.loading import load
@@ -125,6 +125,7 @@ def make_sample_fn(
     learn_sigma = bool(config.model.get("learn_sigma"))
     sampler, options = sampler_from_config(config.sample, learn_sigma)
     output = network_output_fn(learn_sigma, options)
+    prior = sde.as_process(schedule)
     batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
     guidance_scale = config.sample.get("guidance_scale")
@@ -157,7 +158,7 @@ def make_sample_fn(
         params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         noise_key, chain_key = jax.random.split(key)
-        x_T = jax.random.normal(noise_key, (batch_size, *example_shape), jnp.float32)
+        x_T = prior.prior_sample(noise_key, (batch_size, *example_shape))  # N(0, I); EDM's N(0, σ_max² I)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
 
         def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:

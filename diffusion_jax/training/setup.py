@@ -11,15 +11,34 @@ import jax
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import diffusion, models, samplers, schedules, vlb
+from diffusion_jax import diffusion, models, samplers, schedules, sde, vlb
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
+PROCESSES = ("discrete", "edm")  # what `diffusion.process` may train on
+Process = Schedule | sde.EDM
 
-def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
-    """The training schedule `config.diffusion.schedule` with `num_timesteps` steps."""
-    return schedules.get(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+def build_process(config: ml_collections.ConfigDict) -> Process:
+    """The run's noise process: the discrete schedule `diffusion.schedule` with `num_timesteps` steps
+    ('discrete', model time = timestep index), or EDM's x + σ n with model time σ ('edm')."""
+    d = config.diffusion
+    process = d.get("process", "discrete")
+    if process == "discrete":
+        return schedules.get(d.schedule, d.num_timesteps)
+    if process == "edm":
+        if not 0 < d.sigma_min < d.sigma_max:
+            raise ConfigError(f"diffusion.sigma_min, diffusion.sigma_max: got {d.sigma_min}, {d.sigma_max}; "
+                              "need 0 < sigma_min < sigma_max")
+        if d.prediction != "x0":
+            raise ConfigError(f"diffusion.prediction: {d.prediction!r}; diffusion.process='edm' wraps the network "
+                              "in EDM's preconditioning, whose output is x̂_0: set 'x0'")
+        if config.model.get("learn_sigma"):
+            raise ConfigError("model.learn_sigma: True; EDM preconditioning (diffusion.process='edm') wraps a "
+                              "network of one output, not a learned-variance head")
+        return sde.EDM(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data)
+    raise ConfigError(f"diffusion.process: unknown {process!r}; choose one of: {', '.join(PROCESSES)}")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> dict:
@@ -44,7 +63,8 @@ def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ..
 def build_model(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
 ) -> tuple[nnx.GraphDef, Callable[[jax.Array], nnx.State]]:
-    """(graphdef, init) of `config.model` for data of `example_shape`; init(key) -> params.
+    """(graphdef, init) of `config.model` for data of `example_shape`; init(key) -> params. Under
+    `diffusion.process='edm'` the model is the backbone in `models.Preconditioned`.
 
     The constructor (and so its config checks) runs on an abstract model
     (`nnx.eval_shape`: nothing allocated or compiled). `init` is one jitted
@@ -54,7 +74,11 @@ def build_model(
     kwargs = model_kwargs(config, example_shape)
 
     def make(key: jax.Array) -> nnx.Module:
-        return models.create(config.model.name, rngs=nnx.Rngs(key), **kwargs)
+        model = models.create(config.model.name, rngs=nnx.Rngs(key), **kwargs)
+        if config.diffusion.get("process", "discrete") == "edm":  # the network is EDM's D(x; σ)
+            d = config.diffusion
+            model = models.Preconditioned(model, d.preconditioning, d.sigma_data, d.sigma_min)
+        return model
 
     graphdef, _ = split_model(nnx.eval_shape(lambda: make(jax.random.key(0))))
     return graphdef, jax.jit(lambda key: split_model(make(key))[1])
@@ -115,12 +139,20 @@ def network_output_fn(learn_sigma: bool, options: dict) -> Callable[[jax.Array],
     return lambda out: out
 
 
-def check_config(config: ml_collections.ConfigDict, schedule: Schedule, example_shape: tuple[int, ...]) -> None:
+def check_config(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> None:
     """Validates the fields that a run would otherwise first use late (sampling at step N).
 
     The sampler is traced abstractly (`jax.eval_shape`, nothing compiled) with a
     stand-in network, which runs all of its option checks.
     """
+    if not isinstance(schedule, Schedule):  # what needs the discrete schedule's T steps
+        process = config.diffusion.process
+        if "vlb_bpd" in config.eval.get("metrics", ()):
+            raise ConfigError(f"eval.metrics: 'vlb_bpd' sums the T terms of a discrete schedule; "
+                              f"diffusion.process={process!r} has none (its likelihood is 'ode_bpd')")
+        if config.sample.get("classifier_workdir") is not None:
+            raise ConfigError(f"sample.classifier_workdir: classifier guidance runs on a discrete schedule, not "
+                              f"diffusion.process={process!r}")
     diffusion.check_prediction(config.diffusion.prediction)
     diffusion.check_weighting(config.diffusion.loss_weighting)
     learn_sigma = bool(config.model.get("learn_sigma"))

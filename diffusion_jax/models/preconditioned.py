@@ -1,0 +1,50 @@
+"""EDM's preconditioned denoiser as a model wrapper (Karras et al. 2022, arXiv 2206.00364, Eq. 7):
+
+    D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ)),
+
+around any backbone F of this package (`model(x, t, cond, train, rngs=...)`). The wrapper *is* the run's
+model under `diffusion.process='edm'`: it is called at model time σ and returns x̂_0 (prediction 'x0'),
+so every sampler, guidance and the eval mode drive it as any other model, and a checkpoint holds the
+backbone's parameters under `backbone/`.
+
+- 'edm': Table 1's coefficients (`sde.precondition`);
+- 'consistency': the consistency models' σ_min-shifted form (Song et al. 2023, App. C;
+  `distill.consistency.consistency_function`), under which D(x; σ_min) = x exactly, the boundary condition.
+
+c_noise is 1000 × EDM's ¼ ln σ, i.e. 250 ln σ, for both: our backbones embed the time as DDPM's
+timesteps in [0, 1000), and the official consistency-models code feeds its ADM U-Net the same
+1000 · ¼ ln σ (openai/consistency_models, cm/karras_diffusion.py, `denoise`).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax import sde
+from diffusion_jax.distill import consistency
+from diffusion_jax.errors import ConfigError
+
+KINDS = ("edm", "consistency")
+C_NOISE_SCALE = 1000.0  # EDM's c_noise = ¼ ln σ, in the units of DDPM timesteps
+
+
+class Preconditioned(nnx.Module):
+    """D(x; σ) around `backbone`: called as `model(x [B, ...], sigma [B], cond, train, rngs=...)` -> x̂_0 [B, ...]."""
+
+    def __init__(self, backbone: nnx.Module, kind: str = "edm", sigma_data: float = 0.5, sigma_min: float = 0.002):
+        if kind not in KINDS:
+            raise ConfigError(f"diffusion.preconditioning: unknown {kind!r}; choose one of: {', '.join(KINDS)}")
+        self.backbone = backbone
+        self.kind, self.sigma_data, self.sigma_min = kind, sigma_data, sigma_min
+
+    def __call__(
+        self, x: jax.Array, sigma: jax.Array, cond=None, train: bool = False, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+        network = lambda x_in, c_noise: self.backbone(x_in.astype(x.dtype), c_noise, cond, train, rngs=rngs)  # noqa: E731
+        if self.kind == "edm":
+            denoiser = sde.precondition(network, "edm", self.sigma_data, c_noise_scale=C_NOISE_SCALE)
+        else:
+            denoiser = consistency.consistency_function(
+                network, consistency.Grid(sigma_min=self.sigma_min, sigma_data=self.sigma_data))
+        return denoiser(x.astype(jnp.float32), sigma).astype(jnp.float32)
