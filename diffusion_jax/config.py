@@ -21,7 +21,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
   alone; both need `model.learn_sigma=True`), `vlb_weight` (lambda, 0.001), `timestep_sampling` ('uniform' |
   'importance': improved DDPM §3.3's p_t ∝ sqrt(E[L_t^2]), for loss='vlb'), `process` ('discrete': the schedule
-  above, model time = the timestep index; 'edm': EDM's x + σ n with model time σ in [`sigma_min`, `sigma_max`]
+  above, model time = the timestep index; 'flow': the linear interpolant (1 - t) x_0 + t ε of flow matching,
+  model time t, prediction 'velocity' (ε - x_0); 'edm': EDM's x + σ n with model time σ in [`sigma_min`, `sigma_max`]
   and the network wrapped in `preconditioning` ('edm': Karras et al. Table 1; 'consistency': its σ_min-shifted
   form, f(x, σ_min) = x exactly) with `sigma_data`; `models.Preconditioned`), `p_mean`, `p_std` (EDM training's
   lognormal σ, `training.objective='edm'`).
@@ -35,9 +36,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
   `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'edm': EDM's denoising loss on
-  `diffusion.process='edm'`; 'consistency': consistency distillation or training (`consistency` below);
-  'distill': progressive distillation
-  (`distill` below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
+  `diffusion.process='edm'`; 'flow_matching': flow matching / rectified flow (`flow` below); 'consistency':
+  consistency distillation or training (`consistency` below); 'distill': progressive distillation (`distill`
+  below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
   `label_dropout` (conditional models: the probability of training on the whole null condition (null label,
   empty caption; `conditioning.drop`) instead, which
@@ -55,6 +56,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   parameters), `teacher_steps` (the DDIM steps the first teacher takes, a power of two; round r's student
   takes teacher_steps / 2^(r+1), sampled with `sample.spacing='trailing'`), `rounds`, `steps_per_round`
   (`training.num_steps` ≤ rounds × steps_per_round), `weighting` ('truncated_snr' | 'snr_plus_one').
+- `flow` (`training.objective='flow_matching'`, `diffusion.process='flow'`, `diffusion.prediction='velocity'`;
+  `diffusion_jax.flow`): `t_sampling` ('uniform' | 'logit_normal' with `logit_mean`, `logit_std`: SD3's
+  rf/lognorm(0, 1)), `pairs_dir` (reflow: train on the (noise, sample) pairs that
+  `python -m diffusion_jax.reflow` drew from a trained flow, instead of independent noise; None: off),
+  `init_workdir` (a flow run of this `model` whose sampling EMA this run starts from: reflow's next flow).
 - `consistency` (`training.objective='consistency'`, `diffusion.process='edm'` with
   `diffusion.preconditioning='consistency'`; `distill.consistency`): `teacher_workdir` (consistency distillation
   from this diffusion run's probability-flow ODE, one Heun step per level; None: consistency training),
@@ -183,6 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.distill = ml_collections.ConfigDict(
         dict(teacher_workdir=placeholder(str), teacher_steps=placeholder(int), rounds=placeholder(int),
              steps_per_round=placeholder(int), weighting="truncated_snr")
+    )
+    config.flow = ml_collections.ConfigDict(
+        dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, pairs_dir=placeholder(str),
+             init_workdir=placeholder(str))
     )
     config.consistency = ml_collections.ConfigDict(
         dict(teacher_workdir=placeholder(str), num_levels=18, curriculum="fixed", s0=10,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v")  # what a network can be trained to predict
+PREDICTIONS = ("eps", "x0", "v", "velocity")  # what a network can be trained to predict
 MODEL_OUTPUTS = PREDICTIONS + ("score",)  # what samplers accept (NCSN / score_sde networks output a score)
 WEIGHTINGS = ("none", "snr", "truncated_snr", "snr_plus_one", "min_snr")
 
@@ -119,7 +119,7 @@ def to_x0_eps(
     prediction: str,
     clip_x0: float | None = None,
 ) -> Prediction:
-    """Converts a network output of kind `prediction` ('eps' | 'x0' | 'v' | 'score') to (x_0, eps).
+    """Converts a network output of kind `prediction` ('eps' | 'x0' | 'v' | 'score' | 'velocity') to (x_0, eps).
 
     alpha, sigma broadcast against x_t (e.g. [B, 1, 1, 1] or scalars); any Gaussian process
     x_t = alpha x_0 + sigma eps, variance-preserving or not. With `clip_x0`, x̂_0 is clipped
@@ -133,6 +133,8 @@ def to_x0_eps(
     elif prediction == "score":
         eps = eps_from_score(model_out, sigma)
         pred = Prediction(x0_from_eps(x_t, eps, alpha, sigma), eps)
+    elif prediction == "velocity":  # u = eps - x_0 of the linear interpolant, alpha + sigma = 1 (`sde.Flow`)
+        pred = Prediction(x_t - sigma * model_out, x_t + alpha * model_out)
     else:
         pred = Prediction(x0_from_v(x_t, model_out, alpha, sigma), eps_from_v(x_t, model_out, alpha, sigma))
     if clip_x0 is not None:
@@ -200,7 +202,9 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str, min_snr_gam
     if weighting == "none":
         return jnp.ones_like(log_snr)
     snr = jnp.exp(log_snr)
-    target_factor = {"eps": snr, "x0": jnp.ones_like(snr), "v": snr + 1.0}[prediction]
+    # ||target error||² / ||x0 error||²; for the flow's velocity 1 / sigma² = (1 + sqrt(SNR))² as alpha + sigma = 1.
+    target_factor = {"eps": snr, "x0": jnp.ones_like(snr), "v": snr + 1.0,
+                     "velocity": jnp.square(1.0 + jnp.exp(0.5 * log_snr))}[prediction]
     if weighting == "snr":
         x0_weight = snr
     elif weighting == "truncated_snr":
@@ -226,6 +230,8 @@ def training_target(x0: jax.Array, noise: jax.Array, alpha: jax.Array, sigma: ja
         return noise
     if prediction == "x0":
         return x0
+    if prediction == "velocity":
+        return noise - x0
     return v_from_x0_eps(x0, noise, alpha, sigma)
 
 

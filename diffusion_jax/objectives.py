@@ -16,12 +16,15 @@ target, teacher or timestep history) and which of its auxiliary outputs are logg
                 takes half its DDIM steps, round after round (Salimans & Ho 2022; `distill.progressive`)
   'edm'         EDM's λ(σ)-weighted denoising loss at lognormal σ on `diffusion.process='edm'`, whose
                 network is the preconditioned D(x; σ) (Karras et al. 2022, Eq. 8; `edm_loss`)
+  'flow_matching' flow matching / rectified flow: the velocity ε - x_0 of x_t = (1 - t) x_0 + t ε on
+                `diffusion.process='flow'`, t uniform or logit-normal, ε fresh or reflow's pairs
+                (Lipman et al. 2022; Liu et al. 2022; Esser et al. 2024; `flow`)
   'consistency' consistency distillation from `consistency.teacher_workdir`'s probability-flow ODE, or
                 consistency training without it (Song et al. 2023; iCT, Song & Dhariwal 2023;
                 `distill.consistency`)
 
-Each entry trains on one kind of `diffusion.process`: 'edm' and 'consistency' on 'edm', the
-others on the discrete schedule ('autoencode' on none).
+Each entry trains on one kind of `diffusion.process`: 'edm' and 'consistency' on 'edm',
+'flow_matching' on 'flow', the others on the discrete schedule ('autoencode' on none).
 
 Register a new objective with `@OBJECTIVES.register(name)` on a builder
 `(config, graphdef, schedule, example_shape) -> Objective`. The math lives in the family's module
@@ -39,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, vlb
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, vlb
 from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import image_quality
@@ -56,6 +59,7 @@ class LossInputs(NamedTuple):
     cond: conditioning.Cond  # the network's condition, context dropout already applied
     key: jax.Array  # draws the loss's times and noise
     dropout_key: jax.Array  # the network's dropout
+    noise: jax.Array | None = None  # [B, ...] noise paired with `images` (reflow's coupling), else None
 
 
 LossFn = Callable[[nnx.State, Any, LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
@@ -69,7 +73,7 @@ class Objective(NamedTuple):
     shown: tuple[str, ...] = ("loss", "grad_norm", "images_per_sec", "mfu")  # the progress line's metrics
     conditions_model: bool = True  # the batch's labels condition the network (False: they are its targets)
     # Frozen parameters the loss reads as `state.teacher` (a distillation teacher): put into the train
-    # state at step 0, so checkpointed and restored with it; the student starts as a copy of them.
+    # state at step 0, so checkpointed and restored with it.
     teacher: nnx.State | None = None
     # (state, tx) -> state at the start of every step, inside the jitted step (progressive distillation:
     # a new round's teacher, EMAs and optimiser state); None: nothing.
@@ -77,8 +81,9 @@ class Objective(NamedTuple):
     # The steps the optimiser's learning-rate schedule spans (an `advance` that restarts the optimiser every
     # so many steps); None: training.num_steps.
     lr_horizon: int | None = None
-    # The student starts as a copy of `teacher` (its network); False: from the model's initialiser.
-    student_from_teacher: bool = True
+    # The parameters training starts from (a copy; a teacher's, or reflow's previous flow); None: the model's
+    # initialiser.
+    initial_params: nnx.State | None = None
 
 
 Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, Process, tuple[int, ...]], Objective]
@@ -238,7 +243,7 @@ def distill(
 
     return Objective(loss, metrics=("student_steps",), shown=("loss", "student_steps", "grad_norm",
                                                               "images_per_sec"),
-                     teacher=teacher, advance=advance, lr_horizon=steps_per_round)
+                     teacher=teacher, advance=advance, lr_horizon=steps_per_round, initial_params=teacher)
 
 
 def load_teacher(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> nnx.State:
@@ -252,16 +257,8 @@ def load_teacher(config: ml_collections.ConfigDict, schedule: Process, example_s
         raise ConfigError(f"{field}: None; training.objective='distill' needs the workdir of a trained diffusion run")
     teacher = load(workdir, field=field)
     trained = teacher.config
-    check_teacher(teacher, workdir, field, example_shape)
-    changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
-    changes.pop("dropout", None)  # a training regulariser, not part of the function (the paper's students use 0)
-    if changes:
-        key, (had, has) = next(iter(changes.items()))
-        raise ConfigError(f"model.{key}: the student is the teacher's network, and {workdir} has {had!r}, "
-                          f"this config {has!r}")
-    if trained.diffusion.get("process", "discrete") != "discrete":
-        raise ConfigError(f"{field}: {workdir} was trained on diffusion.process={trained.diffusion.process!r}; "
-                          "progressive distillation halves DDIM steps of a discrete schedule")
+    check_diffusion_run(teacher, workdir, field, example_shape)
+    check_same_network(teacher, config, field, example_shape)  # the student is the teacher's network
     if trained.diffusion.prediction != config.diffusion.prediction:
         raise ConfigError(f"diffusion.prediction: the teacher {workdir} predicts {trained.diffusion.prediction!r}, "
                           f"this config {config.diffusion.prediction!r}")
@@ -275,7 +272,8 @@ def require_process(config: ml_collections.ConfigDict, process: str) -> None:
     """A one-line ConfigError unless `diffusion.process` is the one this objective trains on."""
     objective, has = config.training.get("objective", "denoise"), config.diffusion.get("process", "discrete")
     if has != process:
-        hint = {"edm": " (or training.objective='edm' / 'consistency' for 'edm')"}.get(has, "")
+        hint = {"edm": " (or training.objective='edm' / 'consistency' for 'edm')",
+                "flow": " (or training.objective='flow_matching' for 'flow')"}.get(has, "")
         raise ConfigError(f"diffusion.process: {has!r}; training.objective={objective!r} trains on "
                           f"{process!r}{hint}")
 
@@ -294,6 +292,60 @@ def edm(
                                  p_std=d.p_std, sigma_data=d.sigma_data)
 
     return Objective(loss)
+
+
+@OBJECTIVES.register("flow_matching")
+def flow_matching(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+) -> Objective:
+    """`flow.flow_matching_loss` on the velocity network of `diffusion.process='flow'`: t by `flow.t_sampling`,
+    ε fresh, or with `flow.pairs_dir` the noise each reflow pair was drawn from (the batch's 'noise')."""
+    from diffusion_jax import reflow
+    from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
+
+    require_process(config, "flow")
+    f = config.flow
+    flow.check_t_sampling(f.t_sampling)
+    if f.get("pairs_dir") is not None:
+        reflow.open_pairs(f.pairs_dir, example_shape)  # checked here, before compiling; the loop reads them
+    initial_params = None
+    if f.get("init_workdir") is not None:  # reflow's k-rectified flow starts from the (k-1)-rectified one
+        start = load(f.init_workdir, field="flow.init_workdir")
+        check_diffusion_run(start, f.init_workdir, "flow.init_workdir", example_shape)
+        check_same_network(start, config, "flow.init_workdir", example_shape)
+        initial_params = start.params
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return flow.flow_matching_loss(network(graphdef, params, inputs), inputs.images, inputs.key,
+                                       noise=inputs.noise, t_sampling=f.t_sampling, logit_mean=f.logit_mean,
+                                       logit_std=f.logit_std)
+
+    return Objective(loss, initial_params=initial_params)
+
+
+def check_same_network(loaded: Any, config: ml_collections.ConfigDict, field: str,
+                       example_shape: tuple[int, ...]) -> None:
+    """`loaded` must be this run's network (`model.*` less dropout, `diffusion.process`) on its examples."""
+    trained, workdir = loaded.config, config_field(config, field)
+    if tuple(loaded.example_shape) != tuple(example_shape):
+        raise ConfigError(f"data.image_size: {field} {workdir} models {tuple(loaded.example_shape)} examples; this "
+                          f"run's are {tuple(example_shape)}")
+    changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
+    changes.pop("dropout", None)  # a training regulariser, not part of the function (PD's students use 0)
+    if changes:
+        key, (had, has) = next(iter(changes.items()))
+        raise ConfigError(f"model.{key}: this run continues {field} {workdir}'s network, which has {had!r}; this "
+                          f"config {has!r}")
+    process = trained.diffusion.get("process", "discrete")
+    if process != config.diffusion.get("process", "discrete"):
+        raise ConfigError(f"diffusion.process: {field} {workdir} trained on {process!r}, this config on "
+                          f"{config.diffusion.get('process', 'discrete')!r}")
+
+
+def config_field(config: ml_collections.ConfigDict, field: str) -> Any:
+    """The value of a dotted config field ('distill.teacher_workdir')."""
+    section, name = field.split(".")
+    return config[section][name]
 
 
 @OBJECTIVES.register("consistency")
@@ -323,15 +375,15 @@ def consistency_objective(
     target_index = ema_index(config, c.target_ema_decay, "consistency.target_ema_decay")
     ict = c.curriculum == "ict"
     total_steps, max_levels = config.training.num_steps, (c.s1 + 1 if c.curriculum == "ict" else c.num_levels)
-    teacher, teacher_fn, student_from_teacher = None, None, False
+    teacher, teacher_fn, initial_params = None, None, None
     if c.teacher_workdir is not None:
         field = "consistency.teacher_workdir"
         loaded = load(c.teacher_workdir, field=field)
-        check_teacher(loaded, c.teacher_workdir, field, example_shape)
+        check_diffusion_run(loaded, c.teacher_workdir, field, example_shape)
         teacher, trained = loaded.params, loaded.config
-        student_from_teacher = (trained.diffusion.get("process", "discrete") == "edm"
-                                and not run_config.diff(run_config.as_json(trained.model),
-                                                        run_config.as_json(config.model)))
+        if trained.diffusion.get("process", "discrete") == "edm" and not run_config.diff(
+                run_config.as_json(trained.model), run_config.as_json(config.model)):
+            initial_params = teacher  # the student starts as the teacher's network
         prediction_of = network_output_fn(bool(trained.model.get("learn_sigma")), {})
 
         def teacher_fn(teacher_params: nnx.State, cond: conditioning.Cond) -> diffusion.ModelFn:
@@ -350,14 +402,17 @@ def consistency_objective(
         return value, aux | {"num_levels": jnp.asarray(num_levels, jnp.float32)}
 
     return Objective(loss, metrics=("num_levels",), shown=("loss", "num_levels", "grad_norm", "images_per_sec"),
-                     teacher=teacher, student_from_teacher=student_from_teacher)
+                     teacher=teacher, initial_params=initial_params)
 
 
-def check_teacher(loaded: Any, workdir: str, field: str, example_shape: tuple[int, ...]) -> None:
-    """A teacher must be a diffusion model of this run's examples (one-line ConfigErrors)."""
+DIFFUSION_OBJECTIVES = ("denoise", "edm", "flow_matching")  # runs whose model is a denoiser or a velocity
+
+
+def check_diffusion_run(loaded: Any, workdir: str, field: str, example_shape: tuple[int, ...]) -> None:
+    """A teacher (or a starting point) must be a diffusion model of this run's examples (one-line ConfigErrors)."""
     objective = loaded.config.training.get("objective", "denoise")
-    if objective not in ("denoise", "edm"):
+    if objective not in DIFFUSION_OBJECTIVES:
         raise ConfigError(f"{field}: {workdir} is a training.objective={objective!r} run, not a diffusion model")
     if tuple(loaded.example_shape) != tuple(example_shape):
-        raise ConfigError(f"data.image_size: the teacher {workdir} models {tuple(loaded.example_shape)} examples; "
+        raise ConfigError(f"data.image_size: {field} {workdir} models {tuple(loaded.example_shape)} examples; "
                           f"this run's are {tuple(example_shape)}")

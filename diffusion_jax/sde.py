@@ -96,8 +96,10 @@ class Process(abc.ABC):
     def sampling_times(self, steps: int, spacing: str, rho: float = 7.0) -> np.ndarray:
         """`steps` model times in [t_min, t_max], increasing, float64, following `spacing`:
 
-        - 'linspace' (also 'uniform', 'leading' and 'trailing', which differ only in how discrete
-          schedules round): uniform in t, as score_sde's samplers step;
+        - 'linspace' (also 'uniform' and 'leading', which differ only in how discrete schedules round):
+          uniform in t from t_min to t_max, as score_sde's samplers step;
+        - 'trailing': uniform in t, the top at t_max and the bottom one interval above t_min, the grid of
+          Euler steps on a flow (Liu et al. 2022): 1 step is t_max -> clean data, 2 steps stop midway;
         - 'quadratic': t_min + (t_max - t_min) u^2 for uniform u (DDIM's quadratic, continuous);
         - 'logsnr': uniform in lambda (DPM-Solver, Lu et al. 2022, §3.3);
         - 'karras': EDM's sigma_i ramp with exponent rho in the scale sigma/alpha (Eq. 5).
@@ -105,8 +107,10 @@ class Process(abc.ABC):
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"sample.steps: got {steps!r}; expected an int >= 1")
         u = np.linspace(0.0, 1.0, steps)
-        if spacing in ("linspace", "uniform", "leading", "trailing"):
+        if spacing in ("linspace", "uniform", "leading"):
             return self.t_min + (self.t_max - self.t_min) * u
+        if spacing == "trailing":
+            return self.t_min + (self.t_max - self.t_min) * np.arange(1, steps + 1) / steps
         if spacing == "quadratic":
             return self.t_min + (self.t_max - self.t_min) * u**2
         lam_lo, lam_hi = self.log_snr(np.float64(self.t_max)), self.log_snr(np.float64(self.t_min))
@@ -257,6 +261,35 @@ class EDM(Process):
         return self.sigma_max
 
 
+@PROCESSES.register("flow")
+@dataclasses.dataclass(frozen=True)
+class Flow(Process):
+    """The linear interpolant of flow matching and rectified flow (Lipman et al. 2022, arXiv 2210.02747;
+    Liu et al. 2022, arXiv 2209.03003): x_t = (1 - t) x_0 + t eps, so alpha = 1 - t, sigma = t and
+    log-SNR = 2 log((1 - t) / t). Its velocity u = dx_t/dt = eps - x_0 (prediction 'velocity') drives the
+    ODE dx/dt = u, whose Euler step is DDIM's step on this (alpha, sigma) view. As an SDE with these
+    marginals: f = d log alpha / dt = -1 / (1 - t), g^2 = d sigma^2/dt - 2 f sigma^2 = 2 t / (1 - t).
+    t_max stops short of 1, where alpha = 0 and the log-SNR is -inf (the prior N(0, I) is then off by
+    1e-3 x_0)."""
+
+    t_min: float = 1e-3
+    t_max: float = 1.0 - 1e-3
+
+    def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
+        return 1.0 - t, t
+
+    def time_at_log_snr(self, log_snr: Array) -> Array:
+        xp = _xp(log_snr)
+        return 1.0 / (1.0 + xp.exp(0.5 * log_snr))  # (1 - t) / t = e^{lambda / 2}
+
+    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return -per_example(1.0 / (1.0 - t), x) * x, jnp.sqrt(2.0 * t / (1.0 - t))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiscreteVP(Process):
     """The continuous-time view of a discrete variance-preserving schedule: log alpha through the
@@ -327,7 +360,7 @@ def as_process(process: Any) -> Process:
 
 
 def get(name: str, **kwargs: float) -> Process:
-    """The process registered as `name` ('vp' | 'subvp' | 've' | 'edm') with its parameters."""
+    """The process registered as `name` ('vp' | 'subvp' | 've' | 'edm' | 'flow') with its parameters."""
     return PROCESSES.get(name)(**kwargs)
 
 

@@ -12,7 +12,8 @@ from diffusion_jax.training.setup import build_model, build_process, check_confi
 
 
 @pytest.mark.parametrize(
-    "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll", "ae_digits"]
+    "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll", "ae_digits",
+             "edm_digits", "edm_cifar", "ict_cifar"]
 )
 def test_config_builds_abstractly(name):
     config = load_config(name)
@@ -141,3 +142,34 @@ def test_pd_configs_distill_their_teachers_network_in_halving_rounds():
     assert (c.optim.learning_rate, c.optim.schedule, c.training.batch_size) == (5e-5, "linear", 128)
     with pytest.raises(ConfigError, match=r"^distill.teacher_workdir: runs/cifar_teacher has no checkpoints/"):
         experiment.build(c)
+
+
+def test_edm_and_consistency_configs_hold_the_papers_settings():
+    from diffusion_jax.distill import consistency
+    from diffusion_jax.validation import validate_config
+
+    edm, teacher = load_config("edm_cifar"), load_config("edm_digits")
+    assert (edm.diffusion.process, edm.training.objective, edm.diffusion.p_mean, edm.diffusion.p_std) == (
+        "edm", "edm", -1.2, 1.2)
+    assert (edm.sample.sampler, edm.sample.steps) == ("heun", 18)  # 35 NFE
+    m = edm.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, m.dropout) == (128, (2, 2, 2), 4, 0.13)
+    assert (edm.optim.learning_rate, edm.training.batch_size) == (1e-3, 512)
+    cd, ict, cd_digits, ct_digits = (load_config(n) for n in ("cd_cifar", "ict_cifar", "cd_digits", "ct_digits"))
+    for config in (cd, ict, cd_digits, ct_digits):
+        assert (config.diffusion.preconditioning, config.sample.sampler, config.sample.steps) == (
+            "consistency", "consistency", 1)
+        consistency.check_options(config.consistency)
+        validate_config(config, num_devices=8, num_processes=1)
+    assert {k: v for k, v in cd.model.items() if k != "dropout"} == {k: v for k, v in edm.model.items()
+                                                                       if k != "dropout"}  # the teacher's U-Net
+    assert (cd.consistency.num_levels, cd.consistency.target_ema_decay, cd.consistency.teacher_workdir) == (
+        18, 0.95, "runs/edm_cifar")
+    assert cd.consistency.target_ema_decay in cd.training.ema_decays
+    c = ict.consistency
+    assert (c.curriculum, c.s0, c.s1, c.distance, c.level_sampling, c.weighting, c.target_ema_decay) == (
+        "ict", 10, 1280, "pseudo_huber", "lognormal", "inverse_gap", None)
+    assert (ict.model.dropout, ict.optim.learning_rate, ict.training.batch_size) == (0.3, 1e-4, 1024)
+    assert cd_digits.model == teacher.model and cd_digits.consistency.teacher_workdir == "runs/edm_digits"
+    with pytest.raises(ConfigError, match=r"^consistency.teacher_workdir: runs/edm_cifar has no checkpoints/"):
+        experiment.build(cd)

@@ -115,8 +115,8 @@ def test_a_teacher_that_is_not_the_student_is_a_one_line_error(teacher_workdir, 
         experiment.build(config)
     config = distill_config(digits_data_dir, teacher_workdir)
     config.model.ch = 16
-    with pytest.raises(ConfigError, match=r"^model.ch: the student is the teacher's network, and .* has 8, this "
-                                          r"config 16"):
+    with pytest.raises(ConfigError, match=r"^model.ch: this run continues distill.teacher_workdir .* network, "
+                                          r"which has 8; this config 16"):
         experiment.build(config)
     config = distill_config(digits_data_dir, teacher_workdir)
     config.diffusion.prediction = "eps"
@@ -125,7 +125,7 @@ def test_a_teacher_that_is_not_the_student_is_a_one_line_error(teacher_workdir, 
     config = distill_config(digits_data_dir, teacher_workdir)
     config.data.image_size = 16
     config.model.attn_resolutions = (8,)
-    with pytest.raises(ConfigError, match=r"^data.image_size: the teacher .* models \(8, 8, 1\) examples"):
+    with pytest.raises(ConfigError, match=r"^data.image_size: .*teacher_workdir .* models \(8, 8, 1\) examples"):
         experiment.build(config)
 
 
@@ -227,7 +227,7 @@ def test_consistency_distillation_starts_from_an_edm_teacher_targets_its_ema_and
     config = consistency_config(digits_data_dir, edm_teacher_workdir, target_ema_decay=0.5)
     config.training.sample_every = 4
     objective = experiment.build(config).objective
-    assert objective.student_from_teacher and objective.metrics == ("num_levels",)
+    assert objective.initial_params is objective.teacher and objective.metrics == ("num_levels",)
     final = train(config, tmp_path / "straight")
     checkpoints = Checkpointer(tmp_path / "straight" / "checkpoints")
     first = checkpoints.restore_step(1, experiment.build(config).abstract_state)
@@ -274,7 +274,7 @@ def test_consistency_config_errors_name_the_field(edm_teacher_workdir, digits_da
     config = consistency_config(digits_data_dir, edm_teacher_workdir)
     config.data.image_size = 16
     config.model.attn_resolutions = (8,)
-    with pytest.raises(ConfigError, match=r"^data.image_size: the teacher .* models \(8, 8, 1\) examples"):
+    with pytest.raises(ConfigError, match=r"^data.image_size: .*teacher_workdir .* models \(8, 8, 1\) examples"):
         experiment.build(config)
 
 

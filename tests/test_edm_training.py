@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import load_config, tiny_digits_config
 from flax import nnx
 
 import diffusion_jax as dj
-from diffusion_jax import edm_loss, exact, models, sde
+from diffusion_jax import data, edm_loss, exact, models, sde
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
 from diffusion_jax.training.loop import train
@@ -122,3 +122,16 @@ def test_samples_start_from_the_process_prior(digits_data_dir):
     x0, nfe = exp.sample_fn(zeros, jax.random.key(0))
     assert int(nfe) == 35
     np.testing.assert_allclose(np.std(np.asarray(x0)), 0.5, rtol=0.1)  # Heun-18's error on this Gaussian: 6%
+
+
+@pytest.mark.parametrize("name", ["dit_digits", "ddpm_swissroll"])
+def test_every_backbone_takes_the_preconditioning(name):
+    config = load_config(name)  # a class-conditional DiT on images, an MLP on 2-D points
+    config.diffusion.update(process="edm", preconditioning="consistency", prediction="x0")
+    config.model.learn_sigma = False
+    shape = data.example_shape(config.data)
+    graphdef, init = build_model(config, shape)
+    labels = jnp.zeros((2,), jnp.int32) if config.model.get("num_classes") else None
+    out = jax.eval_shape(lambda p, x: model_apply(graphdef, p, x, jnp.ones((2,)), labels),
+                         jax.eval_shape(init, jax.random.key(0)), jax.ShapeDtypeStruct((2, *shape), jnp.float32))
+    assert out.shape == (2, *shape)

@@ -341,6 +341,22 @@ def _toy_batches(
         yield {"image": points[start:stop], "label": np.zeros(stop - start, np.int32)}
 
 
+def _pair_batches(
+    pairs: dict[str, np.ndarray], seed: int, start_step: int, global_batch_size: int, start: int, stop: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Rows [start, stop) of global batches of reflow pairs, in the same epoch-shuffled order as images."""
+    rows = np.arange(start, stop)
+    for step in itertools.count(start_step):
+        indices = _example_indices(seed, len(pairs["label"]), step * global_batch_size + rows)
+        order = np.argsort(indices, kind="stable")  # a memmap reads sorted rows fastest
+        batch = {}
+        for key in ("image", "noise"):
+            batch[key] = np.empty((len(indices), *pairs[key].shape[1:]), np.float32)
+            batch[key][order] = pairs[key][indices[order]]
+        batch["label"] = np.asarray(pairs["label"][indices], np.int32)
+        yield batch
+
+
 def create_iterator(
     data_config: Any,
     *,
@@ -349,6 +365,7 @@ def create_iterator(
     start_step: int = 0,
     sharding: NamedSharding,
     latent_cache: LatentCache | None = None,
+    pairs: dict[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Global batches for steps `start_step`, `start_step + 1`, ... (an endless iterator).
 
@@ -360,6 +377,8 @@ def create_iterator(
       sharding: where batches go; only its batch-axis entry (e.g. P('data')) is used.
       latent_cache: an opened `latent.cache_dir` (`latent_cache.open_cache`): the same examples
         and flips, read as latent moments instead of decoded pixels.
+      pairs: reflow's (noise, sample) pairs (`reflow.open_pairs`) to draw instead of the dataset:
+        'image' is a pair's sample, 'noise' its noise.
 
     Yields:
       {'image': float32 [B, *example_shape(data_config)] in [-1, 1] for images
@@ -373,7 +392,9 @@ def create_iterator(
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
     batch_sharding, start, stop = _batch_rows(sharding, global_batch_size)
-    if isinstance(dataset, ToyDataset):
+    if pairs is not None:
+        local = _pair_batches(pairs, seed, start_step, global_batch_size, start, stop)
+    elif isinstance(dataset, ToyDataset):
         local = _toy_batches(dataset, seed, start_step, global_batch_size, start, stop)
     else:
         local = _image_dataset(dataset, data_config, seed, start_step, global_batch_size, start, stop, latent_cache)

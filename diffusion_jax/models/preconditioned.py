@@ -9,7 +9,9 @@ backbone's parameters under `backbone/`.
 
 - 'edm': Table 1's coefficients (`sde.precondition`);
 - 'consistency': the consistency models' σ_min-shifted form (Song et al. 2023, App. C;
-  `distill.consistency.consistency_function`), under which D(x; σ_min) = x exactly, the boundary condition.
+  `distill.consistency.consistency_function`), under which D(x; σ_min) = x exactly, the boundary condition;
+- 'flow': no scaling of x or of the output, which is the velocity ε - x_0 of `sde.Flow` (prediction
+  'velocity'), and c_noise = 1000 t, the timestep scale SD3 feeds its transformer (Esser et al. 2024).
 
 c_noise is 1000 × EDM's ¼ ln σ, i.e. 250 ln σ, for both: our backbones embed the time as DDPM's
 timesteps in [0, 1000), and the official consistency-models code feeds its ADM U-Net the same
@@ -24,12 +26,13 @@ from diffusion_jax import sde
 from diffusion_jax.distill import consistency
 from diffusion_jax.errors import ConfigError
 
-KINDS = ("edm", "consistency")
+KINDS = ("edm", "consistency", "flow")
 C_NOISE_SCALE = 1000.0  # EDM's c_noise = ¼ ln σ, in the units of DDPM timesteps
 
 
 class Preconditioned(nnx.Module):
-    """D(x; σ) around `backbone`: called as `model(x [B, ...], sigma [B], cond, train, rngs=...)` -> x̂_0 [B, ...]."""
+    """D(x; σ) around `backbone`: called as `model(x [B, ...], sigma [B], cond, train, rngs=...)` -> x̂_0 [B, ...]
+    (for 'flow': `model(x, t, ...)` -> the velocity)."""
 
     def __init__(self, backbone: nnx.Module, kind: str = "edm", sigma_data: float = 0.5, sigma_min: float = 0.002):
         if kind not in KINDS:
@@ -42,6 +45,8 @@ class Preconditioned(nnx.Module):
     ) -> jax.Array:
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
         network = lambda x_in, c_noise: self.backbone(x_in.astype(x.dtype), c_noise, cond, train, rngs=rngs)  # noqa: E731
+        if self.kind == "flow":
+            return network(x, C_NOISE_SCALE * sigma).astype(jnp.float32)
         if self.kind == "edm":
             denoiser = sde.precondition(network, "edm", self.sigma_data, c_noise_scale=C_NOISE_SCALE)
         else:

@@ -66,24 +66,22 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     base_lr = optimizer.learning_rate_schedule(config.optim, horizon)
     importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
 
-    def create_state(teacher: nnx.State | None) -> state_lib.TrainState:
-        # A distillation student may start as its teacher (a copy: the state's buffers are donated).
-        if teacher is not None and objective.student_from_teacher:
-            params = jax.tree.map(jnp.copy, teacher)
-        else:
-            params = init_params(jax.random.fold_in(root_key, 0))
+    def create_state(teacher: nnx.State | None, initial: nnx.State | None) -> state_lib.TrainState:
+        # The objective's starting point (a copy: the state's buffers are donated), else the initialiser.
+        params = init_params(jax.random.fold_in(root_key, 0)) if initial is None else jax.tree.map(jnp.copy, initial)
         history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)
 
-    abstract = jax.eval_shape(create_state, objective.teacher)
+    abstract = jax.eval_shape(create_state, objective.teacher, objective.initial_params)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     teacher = None if objective.teacher is None else jax.device_put(objective.teacher, shardings.teacher)
+    initial = None if objective.initial_params is None else jax.device_put(objective.initial_params, shardings.params)
     exp = Experiment(
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
-        init_state=functools.partial(jax.jit(create_state, out_shardings=shardings), teacher),
+        init_state=functools.partial(jax.jit(create_state, out_shardings=shardings), teacher, initial),
         abstract_state=jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         ),

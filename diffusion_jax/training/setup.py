@@ -16,17 +16,25 @@ from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.schedules import Schedule
 
-PROCESSES = ("discrete", "edm")  # what `diffusion.process` may train on
-Process = Schedule | sde.EDM
+PROCESSES = ("discrete", "edm", "flow")  # what `diffusion.process` may train on
+Process = Schedule | sde.EDM | sde.Flow
 
 
 def build_process(config: ml_collections.ConfigDict) -> Process:
     """The run's noise process: the discrete schedule `diffusion.schedule` with `num_timesteps` steps
-    ('discrete', model time = timestep index), or EDM's x + σ n with model time σ ('edm')."""
+    ('discrete', model time = timestep index), EDM's x + σ n with model time σ ('edm'), or flow matching's
+    (1 - t) x_0 + t ε with model time t ('flow', `sde.Flow`)."""
     d = config.diffusion
     process = d.get("process", "discrete")
+    if (d.prediction == "velocity") != (process == "flow"):
+        raise ConfigError(f"diffusion.prediction: {d.prediction!r} on diffusion.process={process!r}; the flow's "
+                          "velocity ε - x_0 ('velocity') is what diffusion.process='flow' trains, and only it")
     if process == "discrete":
         return schedules.get(d.schedule, d.num_timesteps)
+    if process == "flow":
+        if config.model.get("learn_sigma"):
+            raise ConfigError("model.learn_sigma: True; diffusion.process='flow' trains a velocity, not a variance")
+        return sde.Flow()
     if process == "edm":
         if not 0 < d.sigma_min < d.sigma_max:
             raise ConfigError(f"diffusion.sigma_min, diffusion.sigma_max: got {d.sigma_min}, {d.sigma_max}; "
@@ -64,7 +72,7 @@ def build_model(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
 ) -> tuple[nnx.GraphDef, Callable[[jax.Array], nnx.State]]:
     """(graphdef, init) of `config.model` for data of `example_shape`; init(key) -> params. Under
-    `diffusion.process='edm'` the model is the backbone in `models.Preconditioned`.
+    `diffusion.process='edm'` or 'flow' the model is the backbone in `models.Preconditioned`.
 
     The constructor (and so its config checks) runs on an abstract model
     (`nnx.eval_shape`: nothing allocated or compiled). `init` is one jitted
@@ -75,9 +83,11 @@ def build_model(
 
     def make(key: jax.Array) -> nnx.Module:
         model = models.create(config.model.name, rngs=nnx.Rngs(key), **kwargs)
-        if config.diffusion.get("process", "discrete") == "edm":  # the network is EDM's D(x; σ)
-            d = config.diffusion
+        d = config.diffusion
+        if d.get("process", "discrete") == "edm":  # the network is EDM's D(x; σ)
             model = models.Preconditioned(model, d.preconditioning, d.sigma_data, d.sigma_min)
+        elif d.get("process", "discrete") == "flow":  # the network sees 1000 t, as SD3's
+            model = models.Preconditioned(model, "flow")
         return model
 
     graphdef, _ = split_model(nnx.eval_shape(lambda: make(jax.random.key(0))))

@@ -47,11 +47,11 @@ def make_train_step(
 
     def loss_and_grads(
         params: nnx.State, state: TrainState, images: jax.Array, labels: jax.Array, cond: conditioning.Cond,
-        key: jax.Array,
+        noise: jax.Array | None, key: jax.Array,
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
         """((loss, aux), d loss / d params) of one (micro)batch; `key` draws its t, noise and dropout."""
         loss_key, dropout_key = jax.random.split(key)
-        inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key)
+        inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key, noise)
         return jax.value_and_grad(objective.loss, has_aux=True)(params, state, inputs)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -63,10 +63,12 @@ def make_train_step(
         if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
         grads_fn = functools.partial(loss_and_grads, state.params, state)
+        noise = batch.get("noise")  # reflow's paired noise (`flow.pairs_dir`), else None: drawn by the loss
         if accum_steps == 1:
-            (loss, aux), grads = grads_fn(images, labels, cond, step_key)
+            (loss, aux), grads = grads_fn(images, labels, cond, noise, step_key)
         else:
-            (loss, aux), grads = _accumulate(grads_fn, state.params, (images, labels, cond), step_key, accum_steps)
+            (loss, aux), grads = _accumulate(grads_fn, state.params, (images, labels, cond, noise), step_key,
+                                             accum_steps)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
