@@ -22,6 +22,7 @@ from flax import nnx
 
 from diffusion_jax import data, latent
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.training import run_config
 from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.setup import Process, build_model, build_process, model_apply
 
@@ -79,7 +80,7 @@ def load(
             if saved is None:
                 failures.append(f"step {candidate}: no readable config")
                 continue
-            config = ml_collections.ConfigDict(saved)
+            config = ml_collections.ConfigDict(run_config.with_defaults(saved))  # fields newer than the run
             example_shape = tuple(data.example_shape(config.data))
             first_stage = latent.load_first_stage(config, example_shape, sharding)  # a latent run's autoencoder
             if first_stage is not None:

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, vlb
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, reflow, vlb
 from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import image_quality
@@ -300,7 +300,6 @@ def flow_matching(
 ) -> Objective:
     """`flow.flow_matching_loss` on the velocity network of `diffusion.process='flow'`: t by `flow.t_sampling`,
     ε fresh, or with `flow.pairs_dir` the noise each reflow pair was drawn from (the batch's 'noise')."""
-    from diffusion_jax import reflow
     from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
 
     require_process(config, "flow")
@@ -330,8 +329,7 @@ def check_same_network(loaded: Any, config: ml_collections.ConfigDict, field: st
     if tuple(loaded.example_shape) != tuple(example_shape):
         raise ConfigError(f"data.image_size: {field} {workdir} models {tuple(loaded.example_shape)} examples; this "
                           f"run's are {tuple(example_shape)}")
-    changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
-    changes.pop("dropout", None)  # a training regulariser, not part of the function (PD's students use 0)
+    changes = network_changes(trained, config)
     if changes:
         key, (had, has) = next(iter(changes.items()))
         raise ConfigError(f"model.{key}: this run continues {field} {workdir}'s network, which has {had!r}; this "
@@ -340,6 +338,14 @@ def check_same_network(loaded: Any, config: ml_collections.ConfigDict, field: st
     if process != config.diffusion.get("process", "discrete"):
         raise ConfigError(f"diffusion.process: {field} {workdir} trained on {process!r}, this config on "
                           f"{config.diffusion.get('process', 'discrete')!r}")
+
+
+def network_changes(trained: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> run_config.Changes:
+    """How `config.model` differs from a trained run's, less `dropout` (a training regulariser, not part of the
+    function: PD's students use 0)."""
+    changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
+    changes.pop("dropout", None)
+    return changes
 
 
 def config_field(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -374,15 +380,14 @@ def consistency_objective(
     grid = consistency.Grid(d.sigma_min, d.sigma_max, d.sigma_data, c.rho)
     target_index = ema_index(config, c.target_ema_decay, "consistency.target_ema_decay")
     ict = c.curriculum == "ict"
-    total_steps, max_levels = config.training.num_steps, (c.s1 + 1 if c.curriculum == "ict" else c.num_levels)
+    total_steps, max_levels = config.training.num_steps, (c.s1 + 1 if ict else c.num_levels)
     teacher, teacher_fn, initial_params = None, None, None
     if c.teacher_workdir is not None:
         field = "consistency.teacher_workdir"
         loaded = load(c.teacher_workdir, field=field)
         check_diffusion_run(loaded, c.teacher_workdir, field, example_shape)
         teacher, trained = loaded.params, loaded.config
-        if trained.diffusion.get("process", "discrete") == "edm" and not run_config.diff(
-                run_config.as_json(trained.model), run_config.as_json(config.model)):
+        if trained.diffusion.get("process", "discrete") == "edm" and not network_changes(trained, config):
             initial_params = teacher  # the student starts as the teacher's network
         prediction_of = network_output_fn(bool(trained.model.get("learn_sigma")), {})
 

@@ -135,3 +135,18 @@ def test_every_backbone_takes_the_preconditioning(name):
     out = jax.eval_shape(lambda p, x: model_apply(graphdef, p, x, jnp.ones((2,)), labels),
                          jax.eval_shape(init, jax.random.key(0)), jax.ShapeDtypeStruct((2, *shape), jnp.float32))
     assert out.shape == (2, *shape)
+
+
+def test_a_checkpoint_written_before_the_process_field_resumes_as_discrete():
+    from diffusion_jax.config import base_config
+    from diffusion_jax.training import run_config
+
+    current = run_config.as_json(base_config())
+    saved = run_config.as_json(base_config())
+    for section, field in [("diffusion", "process"), ("diffusion", "sigma_data"), ("consistency", None),
+                           ("flow", None)]:
+        saved[section].pop(field) if field else saved.pop(section)  # a wave-1 checkpoint's config
+    assert run_config.diff(saved, current)  # the new fields alone would refuse the resume
+    assert run_config.diff(run_config.with_defaults(saved), current) == {}
+    saved["model"] = {"name": "mlp", "hidden": 64}
+    assert run_config.with_defaults(saved)["model"] == {"name": "mlp", "hidden": 64}  # no U-Net fields added

@@ -163,7 +163,7 @@ def _check_resume(
         saved_scale = (saved.get("latent") or {}).get("scale_factor")
         if config.get("latent") is not None and config.latent.get("scale_factor") is None and saved_scale:
             config.latent.scale_factor = saved_scale  # computed from the data when the run started
-        changes = run_config.diff(saved, run_config.as_json(config))
+        changes = run_config.diff(run_config.with_defaults(saved), run_config.as_json(config))
         run_config.check_resume(changes, step, allow_change)
         if jax.process_index() == 0:
             run_config.record_resume(workdir, changes, step)

@@ -26,7 +26,7 @@ CONFIG_FILE = "config.json"
 # Fields (or whole sections) whose change makes the checkpoint's state mean something else.
 PROTECTED = (
     "model", "diffusion", "training.objective", "training.ema_decays", "optim.name", "data.name",
-    "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor", "distill",
+    "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor", "distill", "consistency", "flow",
 )
 
 Changes = dict[str, tuple[Any, Any]]  # dotted field -> (checkpoint's value, this run's value)
@@ -59,6 +59,22 @@ def diff(saved: dict, current: dict) -> Changes:
         if old.get(key, _MISSING) != new.get(key, _MISSING)
         and not {old.get(key, _MISSING), new.get(key, _MISSING)} <= set(unset)
     }
+
+
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's JSON config with the fields added to `base_config` since it was written set to their
+    defaults (a wave-1 run is `diffusion.process='discrete'` without saying so), its own values kept. `model`
+    is kept whole: its fields are one model's constructor arguments, not defaults of every model."""
+    from diffusion_jax.config import base_config  # config builds on nothing here; this keeps it that way
+
+    def merge(default: Any, value: Any) -> Any:
+        if not (isinstance(default, dict) and isinstance(value, dict)):
+            return value
+        return default | {k: merge(default.get(k), v) for k, v in value.items()}
+
+    defaults = as_json(base_config())
+    defaults.pop("model", None)
+    return merge(defaults, saved)
 
 
 def is_protected(field: str) -> bool:
