@@ -1,0 +1,155 @@
+"""Variational diffusion models (Kingma et al. 2021, arXiv 2107.00630): a learned monotonic noise schedule
+and the continuous-time variational bound, as pure functions.
+
+The process is variance preserving with σ_t² = sigmoid(γ(t)), α_t² = sigmoid(-γ(t)), SNR(t) = exp(-γ(t))
+(Eqs. 3-5), γ increasing on t in [0, 1]. For data x (D dimensions) the negative VLB is
+
+    L = KL(q(z_1 | x) || N(0, I))  +  E_{z_0}[-log p(x | z_0)]  +  ½ E_{t ~ U(0, 1), ε} [γ'(t) ||ε - ε̂(z_t; t)||²]
+
+(prior, reconstruction and the continuous-time diffusion loss, Eq. 17). Only γ's endpoints γ(0), γ(1)
+change L's expectation (§5.1: the continuous VLB is invariant to the schedule between them); the
+schedule's shape changes its variance, so VDM learns the endpoints on L and the shape on L's variance
+(§5.3, App. I.2), which `vdm_objective` arranges with stop-gradients. t is drawn antithetically (one
+uniform offset, then evenly spaced: t_i = (u + i / B) mod 1, App. I.1). The decoder is the
+discretised one of 8-bit data (each dimension a softmax over the 256 grid values, App. C) or, for
+continuous data, the Gaussian N(x; z_0 / α_0, σ_0² / α_0²). `fourier_features` are the input
+features sin/cos(2^n π z) of §3.4.
+
+Not yet a `training.objective`: the learned schedule must reach the samplers (their noise levels are
+computed on the host from a process) and the eval mode; see the project notes.
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.diffusion import per_example
+
+GammaFn = Callable[[jax.Array], jax.Array]  # t [B] in [0, 1] -> γ(t) [B], increasing
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], t [B]) -> ε̂ [B, ...]
+
+
+class MonotonicGamma(nnx.Module):
+    """VDM's learned schedule (App. H): γ̃(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with non-negative weights
+    (|w|), so γ̃ is increasing, rescaled to run exactly from the learned endpoints:
+    γ(t) = γ_0 + (γ_1 - γ_0) (γ̃(t) - γ̃(0)) / (γ̃(1) - γ̃(0)). Defaults: VDM's CIFAR-10 endpoints."""
+
+    def __init__(self, gamma_0: float = -13.3, gamma_1: float = 5.0, hidden: int = 1024, *, rngs: nnx.Rngs):
+        self.gamma_0 = nnx.Param(jnp.asarray(gamma_0, jnp.float32))
+        self.gamma_1 = nnx.Param(jnp.asarray(gamma_1, jnp.float32))
+        self.l1_w = nnx.Param(jnp.ones((1, 1), jnp.float32))
+        self.l1_b = nnx.Param(jnp.zeros((1,), jnp.float32))
+        self.l2_w = nnx.Param(jax.random.normal(rngs.params(), (1, hidden), jnp.float32))
+        self.l2_b = nnx.Param(jnp.zeros((hidden,), jnp.float32))
+        self.l3_w = nnx.Param(jax.random.normal(rngs.params(), (hidden, 1), jnp.float32) / hidden)
+
+    def shape(self, t: jax.Array) -> jax.Array:
+        """γ̃(t), [B] -> [B], increasing."""
+        h = t[:, None] * jnp.abs(self.l1_w.value) + self.l1_b.value
+        return (h + jax.nn.sigmoid(h @ jnp.abs(self.l2_w.value) + self.l2_b.value) @ jnp.abs(self.l3_w.value))[:, 0]
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        ends = self.shape(jnp.asarray([0.0, 1.0], jnp.float32))
+        unit = (self.shape(t) - ends[0]) / (ends[1] - ends[0])
+        return self.gamma_0.value + (self.gamma_1.value - self.gamma_0.value) * unit
+
+
+def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(α, σ) of γ: α² = sigmoid(-γ), σ² = sigmoid(γ) (Eq. 4)."""
+    return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
+
+
+def antithetic_times(key: jax.Array, batch_size: int) -> jax.Array:
+    """t_i = (u + i / B) mod 1, u ~ U(0, 1): float32 [B] (App. I.1; lower-variance than i.i.d. t)."""
+    return jnp.mod(jax.random.uniform(key, ()) + jnp.arange(batch_size) / batch_size, 1.0)
+
+
+def fourier_features(z: jax.Array, n_min: int = 7, n_max: int = 8) -> jax.Array:
+    """z [..., C] -> [..., C (1 + 2 (n_max - n_min + 1))]: z with sin and cos of 2^n π z, n = n_min..n_max (§3.4:
+    the fine scales of 8-bit data, which a network struggles to see when the SNR is high)."""
+    freqs = 2.0 ** jnp.arange(n_min, n_max + 1) * math.pi  # [F]
+    angles = z[..., None] * freqs  # [..., C, F]
+    features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.concatenate([z, features.reshape(*z.shape[:-1], -1)], axis=-1)
+
+
+def prior_loss(x: jax.Array, gamma_1: jax.Array) -> jax.Array:
+    """KL(N(α_1 x, σ_1² I) || N(0, I)) per example [B], in nats."""
+    alpha, sigma = alpha_sigma(gamma_1)
+    d = 0.5 * (sigma**2 + alpha**2 * jnp.square(x) - 1.0 - 2.0 * jnp.log(sigma))
+    return jnp.sum(d.reshape(x.shape[0], -1), axis=1)
+
+
+def reconstruction_loss(x: jax.Array, eps_0: jax.Array, gamma_0: jax.Array, grid: jax.Array | None) -> jax.Array:
+    """-log p(x | z_0), z_0 = α_0 x + σ_0 ε_0, per example [B] in nats: over the values `grid` [V] that each
+    dimension of x takes (VDM's discretised decoder, a softmax of -(z_0 / α_0 - v)² / (2 σ_0² / α_0²) over v),
+    or with `grid=None` the Gaussian N(x; z_0 / α_0, σ_0² / α_0²) of continuous data."""
+    alpha, sigma = alpha_sigma(gamma_0)
+    x_hat = x + (sigma / alpha) * eps_0  # z_0 / α_0
+    var = jnp.exp(gamma_0)  # σ_0² / α_0²
+    if grid is None:
+        nll = 0.5 * (jnp.square(x - x_hat) / var + jnp.log(2.0 * math.pi * var))
+    else:
+        logits = -0.5 * jnp.square(x_hat[..., None] - grid) / var  # [..., V]
+        target = -0.5 * jnp.square(x_hat - x) / var
+        nll = jax.nn.logsumexp(logits, axis=-1) - target
+    return jnp.sum(nll.reshape(x.shape[0], -1), axis=1)
+
+
+def diffusion_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """½ γ'(t) ||ε - ε̂(z_t; t)||² per example [B], z_t = α_t x + σ_t ε (Eq. 17's integrand at t)."""
+    gamma, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    alpha, sigma = alpha_sigma(gamma)
+    z_t = per_example(alpha, x) * x + per_example(sigma, x) * eps
+    error = jnp.square(eps - eps_fn(z_t, t).astype(jnp.float32)).reshape(x.shape[0], -1)
+    return 0.5 * dgamma * jnp.sum(error, axis=1)
+
+
+def vlb(
+    eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, key: jax.Array, grid: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """The negative VLB's three terms per example, in nats [B]: {'prior', 'reconstruction', 'diffusion'}, and
+    their sum in bits per dimension ('bpd'); t antithetic, one sample of ε per term."""
+    t_key, eps_key, eps0_key = jax.random.split(key, 3)
+    ends = gamma_fn(jnp.asarray([0.0, 1.0], jnp.float32))
+    terms = {
+        "prior": prior_loss(x, ends[1]),
+        "reconstruction": reconstruction_loss(x, jax.random.normal(eps0_key, x.shape), ends[0], grid),
+        "diffusion": diffusion_loss(eps_fn, gamma_fn, x, antithetic_times(t_key, x.shape[0]),
+                                    jax.random.normal(eps_key, x.shape)),
+    }
+    total = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
+    return terms | {"bpd": total / (math.prod(x.shape[1:]) * math.log(2.0))}
+
+
+def vdm_objective(
+    eps_fn: EpsFn, gamma: MonotonicGamma, x: jax.Array, key: jax.Array, grid: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch mean of the negative VLB in bits/dim, whose gradient is VDM's: the VLB's for the network and
+    γ's endpoints, ½ d/dη E[L²] = E[L dL/dη] (the estimator's variance, §5.3) for γ's shape parameters η.
+
+    L is computed twice with the same draws: with the shape under stop_gradient (for the network and the
+    endpoints) and with the network and endpoints under stop_gradient (for the shape); the value returned
+    is the VLB itself.
+    """
+    graphdef, params = nnx.split(gamma)
+    frozen = jax.lax.stop_gradient
+
+    def is_end(path: tuple) -> bool:
+        return any(getattr(k, "key", getattr(k, "name", None)) in ("gamma_0", "gamma_1") for k in path)
+
+    def gamma_with(shape_frozen: bool) -> GammaFn:
+        """γ with its shape (True) or its endpoints (False) under stop_gradient."""
+        kept = jax.tree_util.tree_map_with_path(lambda path, p: frozen(p) if is_end(path) != shape_frozen else p,
+                                                params)
+        return lambda t: nnx.merge(graphdef, kept)(t)
+
+    terms = vlb(eps_fn, gamma_with(shape_frozen=True), x, key, grid)
+    frozen_eps = lambda z, t: frozen(eps_fn(z, t))  # noqa: E731
+    shape_terms = vlb(frozen_eps, gamma_with(shape_frozen=False), x, key, grid)
+    loss, shape_loss = terms["bpd"], shape_terms["bpd"]
+    surrogate = jnp.mean(loss) + jnp.mean(frozen(loss) * (shape_loss - frozen(shape_loss)))
+    return surrogate, {k: jnp.mean(v) for k, v in terms.items()}
