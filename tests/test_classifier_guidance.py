@@ -354,7 +354,8 @@ def test_bad_classifier_workdirs_are_one_line_config_errors(
     "field,value,message",
     [
         ("training.objective", "score",
-         "training.objective: unknown objective 'score'; choose one of: autoencode, classify, denoise, distill"),
+         "training.objective: unknown objective 'score'; choose one of: autoencode, classify, consistency, denoise, "
+         "distill, edm, flow_matching"),
         ("model.name", "unet", "training.objective: 'classify' trains a noise-aware classifier; set model.name"),
         ("training.objective", "denoise", "model.name: 'classifier' outputs class logits"),
         ("model.num_classes", None, "model.num_classes: got None; training.objective='classify' needs an int >= 2"),

@@ -66,7 +66,7 @@ def test_the_wrapper_is_the_preconditioned_backbone_and_consistency_has_its_boun
 def test_process_mismatches_are_one_line_errors(digits_data_dir):
     for change, message in [
         (dict(prediction="eps"), r"^diffusion.prediction: 'eps'; diffusion.process='edm' wraps .* set 'x0'"),
-        (dict(process="flow"), r"^diffusion.process: unknown 'flow'; choose one of: discrete, edm"),
+        (dict(process="vdm"), r"^diffusion.process: unknown 'vdm'; choose one of: discrete, edm, flow"),
         (dict(sigma_min=0.0), r"^diffusion.sigma_min, diffusion.sigma_max: got 0.0, 80.0; need 0 < sigma_min"),
     ]:
         config = edm_config(digits_data_dir)
