@@ -4,7 +4,7 @@ arXiv 2210.02747), with SD3's logit-normal times (Esser et al. 2024, arXiv 2403.
     python -m diffusion_jax.main --config=configs/rf_digits.py --workdir=runs/rf_digits
     python -m diffusion_jax.main --config=configs/rf_digits.py --workdir=runs/rf_digits --mode=eval
     # reflow: pairs from the trained flow, then the 2-rectified flow started from it
-    python -m diffusion_jax.reflow --workdir=runs/rf_digits --out=runs/rf_digits_pairs --num_pairs=6000
+    python -m diffusion_jax.reflow --workdir=runs/rf_digits --out=runs/rf_digits_pairs --num_pairs=3000 --steps=40
     python -m diffusion_jax.main --config=configs/rf_digits.py --workdir=runs/rf2_digits \\
         --config.flow.pairs_dir=runs/rf_digits_pairs --config.flow.init_workdir=runs/rf_digits
 

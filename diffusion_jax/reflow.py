@@ -3,18 +3,19 @@
     # 1. a rectified flow (`training.objective='flow_matching'`)
     python -m diffusion_jax.main --config=configs/rf_digits.py --workdir=runs/rf_digits
     # 2. its pairs (z, x_0 = ODE(z)); 3. the 2-rectified flow, trained on them from the first one's weights
-    python -m diffusion_jax.reflow --workdir=runs/rf_digits --out=runs/rf_digits_pairs --num_pairs=6000
+    python -m diffusion_jax.reflow --workdir=runs/rf_digits --out=runs/rf_digits_pairs --num_pairs=3000 --steps=40
     python -m diffusion_jax.main --config=configs/rf_digits.py --workdir=runs/rf2_digits \\
         --config.flow.pairs_dir=runs/rf_digits_pairs --config.flow.init_workdir=runs/rf_digits
 
 Training on (z, x_0) pairs instead of independent (ε, x_0) makes the new flow's paths straighter (the
 coupling it transports is the previous flow's, which does not cross), so fewer Euler steps reach the
-same samples. The pairs come from the workdir's sampling EMA and the sampler given here (default the
-adaptive probability-flow ODE, as the paper's RK45); class-conditional flows pair each z with the label
-it was drawn for (0, 1, 2, ... cycling).
+same samples. The pairs come from the workdir's sampling EMA and its own sampler (`sample.*`; the
+paper uses RK45 on the ODE: `--sampler=ode`, adaptive, is that and costs ~10x Euler-20 here), or
+`--sampler`/`--steps`; class-conditional flows pair each z with the label it was drawn for (0, 1, 2, ...
+cycling).
 
 A pairs directory holds `noise.npy` and `image.npy` (float32 [N, ...], the model's space), `label.npy`
-(int32 [N]) and `meta.json` ({"format", "workdir", "step", "sampler", "steps", "num_pairs",
+(int32 [N]) and `meta.json` ({"format", "workdir", "step", "sampler", "options", "num_pairs",
 "example_shape"}), written to a temporary directory and renamed, so a stopped run leaves nothing.
 """
 
@@ -32,6 +33,7 @@ from absl import app, flags, logging
 from diffusion_jax import samplers
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training.sampling import sample_labels
+from diffusion_jax.training.setup import sampler_from_config
 
 FORMAT = 1
 META, NOISE, IMAGE, LABEL = "meta.json", "noise.npy", "image.npy", "label.npy"
@@ -39,10 +41,12 @@ WRITE_COMMAND = "python -m diffusion_jax.reflow --workdir=RUN --out={out}"
 
 
 def write_pairs(
-    workdir: str | Path, out: str | Path, num_pairs: int, *, sampler: str = "ode", steps: int | None = None,
+    workdir: str | Path, out: str | Path, num_pairs: int, *, sampler: str | None = None, steps: int | None = None,
     batch_size: int = 256, seed: int = 0,
 ) -> Path:
-    """Draws `num_pairs` (z, x_0) pairs from the flow trained in `workdir` into `out`; returns `out`."""
+    """Draws `num_pairs` (z, x_0) pairs from the flow trained in `workdir` into `out`; returns `out`. The map
+    z -> x_0 is the run's own sampler and options (`sample.*` of its config), or `sampler` (with its defaults)
+    and `steps` when given."""
     from diffusion_jax.loading import load  # loading builds on training; this module is also imported by it
 
     if num_pairs <= 0 or batch_size <= 0:
@@ -51,11 +55,15 @@ def write_pairs(
     if model.config.diffusion.get("process", "discrete") != "flow":
         raise ConfigError(f"--workdir: {workdir} trained diffusion.process="
                           f"{model.config.diffusion.get('process', 'discrete')!r}; reflow needs a flow ('flow')")
-    sample = samplers.get(sampler)
+    if sampler is None:
+        sample, options = sampler_from_config(model.config.sample)
+    else:
+        sample, options = samplers.get(sampler), {}
+    if steps is not None:
+        options["steps"] = steps
     num_classes = model.config.model.get("num_classes")
     labels = (np.zeros(num_pairs, np.int32) if num_classes is None
               else sample_labels(batch_size, num_classes, num_pairs))
-    options = {} if steps is None else {"steps": steps}
 
     @jax.jit
     def draw(z: jax.Array, label: jax.Array, key: jax.Array) -> jax.Array:
@@ -80,8 +88,9 @@ def write_pairs(
         logging.info("reflow pairs %d/%d", stop, num_pairs)
     noise.flush(), image.flush()
     np.save(partial / LABEL, labels)
-    meta = {"format": FORMAT, "workdir": str(Path(workdir).resolve()), "step": model.step, "sampler": sampler,
-            "steps": steps, "num_pairs": num_pairs, "example_shape": list(model.example_shape)}
+    meta = {"format": FORMAT, "workdir": str(Path(workdir).resolve()), "step": model.step,
+            "sampler": sampler or model.config.sample.sampler, "options": options, "num_pairs": num_pairs,
+            "example_shape": list(model.example_shape)}
     (partial / META).write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
@@ -112,8 +121,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The trained flow (training.objective='flow_matching').")
     flags.DEFINE_string("out", None, "The pairs directory to write (replaced if it exists).")
     flags.DEFINE_integer("num_pairs", 6000, "How many (noise, sample) pairs.")
-    flags.DEFINE_string("sampler", "ode", "The sampler that maps noise to samples (samplers.get).")
-    flags.DEFINE_integer("steps", None, "Its steps (None: the sampler's default; 'ode' is adaptive).")
+    flags.DEFINE_string("sampler", None, "The sampler that maps noise to samples (None: the run's sample.*).")
+    flags.DEFINE_integer("steps", None, "Its steps (None: the run's sample.steps, or the sampler's default).")
     flags.DEFINE_integer("batch_size", 256, "Pairs drawn per compiled batch.")
     flags.DEFINE_integer("seed", 0, "Seed of the noise.")
 
