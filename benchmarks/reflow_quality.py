@@ -143,7 +143,8 @@ def main() -> None:
         RESULTS.parent.mkdir(exist_ok=True)
         header = (f"# Reflow on the exact ring ({time.strftime('%Y-%m-%d')})\n\n`python benchmarks/reflow_quality.py`: "
                   f"{steps} flow-matching steps per flow (batch 512), {num_pairs} reflow pairs from 100 Euler "
-                  f"steps, {n} samples per cell; training took {results['train_seconds']} s.\n\n")
+                  f"steps, {n} samples per cell; training took "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in results["train_seconds"].items()) + " (2 CPU cores).\n\n")
         RESULTS.write_text(header + table + "\n")
         RESULTS.with_suffix(".jsonl").open("a").write(json.dumps(results) + "\n")
 
