@@ -102,14 +102,11 @@ def test_an_edm_run_trains_loads_and_samples_on_its_process(digits_data_dir, tmp
     graphdef, _ = build_model(config, (8, 8, 1))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     sigma = jnp.asarray([0.5, 5.0])
-    backbone = nnx.merge(graphdef, state.params).backbone  # the checkpoint holds the backbone's parameters
+    backbone = nnx.merge(graphdef, model.params).backbone  # the checkpoint holds the backbone's parameters
     norm = jnp.sqrt(sigma**2 + 0.25)[:, None, None, None]
     by_hand = 0.25 / norm**2 * x + 0.5 * sigma[:, None, None, None] / norm * backbone(x / norm, 250.0 * jnp.log(sigma))
-    np.testing.assert_allclose(model_apply(graphdef, state.params, x, sigma), by_hand, rtol=1e-4, atol=1e-5)
-    samples = dj.samplers.get("heun")(model.model_fn(), model.schedule, jax.random.key(1),
-                                      80.0 * jax.random.normal(jax.random.key(2), (2, 8, 8, 1)), steps=3,
-                                      prediction="x0")
-    assert samples.shape == (2, 8, 8, 1) and bool(jnp.all(jnp.isfinite(samples)))
+    np.testing.assert_allclose(model.apply(x, sigma), by_hand, rtol=1e-4, atol=1e-5)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, model.params, state.params)))  # the EMA, loaded
 
 
 def test_samples_start_from_the_process_prior(digits_data_dir):

@@ -136,8 +136,8 @@ def test_shipped_configs_pass(name, num_devices):
     [
         (
             "--config.trainng.lr=1",
-            "error: --config.trainng.lr: no field 'trainng' in the config; its fields are: autoencode, data, "
-            "diffusion, distill, eval, latent,",
+            "error: --config.trainng.lr: no field 'trainng' in the config; its fields are: autoencode, consistency, "
+            "data, diffusion, distill, eval, flow, latent,",
         ),
         (
             "--config.training.bsz=8",
