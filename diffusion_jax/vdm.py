@@ -15,17 +15,22 @@ discretised one of 8-bit data (each dimension a softmax over the 256 grid values
 continuous data, the Gaussian N(x; z_0 / α_0, σ_0² / α_0²). `fourier_features` are the input
 features sin/cos(2^n π z) of §3.4.
 
-Not yet a `training.objective`: the learned schedule must reach the samplers (their noise levels are
-computed on the host from a process) and the eval mode; see the project notes.
+`LearnedVP` is the sampler's view of a learned γ: a process evaluated from γ's parameters once, on the
+host, so every sampler drives a VDM through its (α, σ) view. Not yet a `training.objective`: the train
+loop and the eval mode must build that process from the EMA's γ when they sample; see the project notes.
 """
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from diffusion_jax import sde
 from diffusion_jax.diffusion import per_example
 
 GammaFn = Callable[[jax.Array], jax.Array]  # t [B] in [0, 1] -> γ(t) [B], increasing
@@ -153,3 +158,55 @@ def vdm_objective(
     loss, shape_loss = terms["bpd"], shape_terms["bpd"]
     surrogate = jnp.mean(loss) + jnp.mean(frozen(loss) * (shape_loss - frozen(shape_loss)))
     return surrogate, {k: jnp.mean(v) for k, v in terms.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LearnedVP(sde.Process):
+    """The variance-preserving process of a learned schedule γ, for the samplers: σ² = sigmoid(γ(t)),
+    α² = sigmoid(-γ(t)) on t in [t_min, 1]. γ and γ' are tabulated once in float64 on `knots` (`from_gamma`)
+    and interpolated linearly between them, so the host-side noise levels of every sampler and the traced
+    drift agree; γ is increasing, so `time_at_log_snr` inverts the table. As an SDE: f = d log α/dt =
+    -σ² γ'/2 and g² = dσ²/dt - 2 f σ² = σ² γ'."""
+
+    knots: np.ndarray  # float64 [K]: times, increasing from 0 to 1
+    gammas: np.ndarray  # float64 [K]: γ at the knots, increasing
+    slopes: np.ndarray  # float64 [K]: γ' at the knots
+    t_min: float = 1e-3
+    t_max: float = 1.0
+
+    @classmethod
+    def from_gamma(cls, gamma_fn: GammaFn, num_knots: int = 4097, t_min: float = 1e-3) -> "LearnedVP":
+        """The process of `gamma_fn` (e.g. a `MonotonicGamma` with the EMA's parameters)."""
+        knots = np.linspace(0.0, 1.0, num_knots)
+        t = jnp.asarray(knots, jnp.float32)
+        gamma, slope = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+        return cls(knots, np.asarray(gamma, np.float64), np.asarray(slope, np.float64), t_min=t_min)
+
+    @functools.cached_property
+    def _tables(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(jnp.asarray(a, jnp.float32) for a in (self.knots, self.gammas, self.slopes))
+
+    def _gamma(self, t: sde.Array) -> tuple[sde.Array, sde.Array]:
+        if isinstance(t, np.ndarray | float | int):
+            return np.interp(t, self.knots, self.gammas), np.interp(t, self.knots, self.slopes)
+        knots, gammas, slopes = self._tables
+        return jnp.interp(t, knots, gammas), jnp.interp(t, knots, slopes)
+
+    def alpha_sigma(self, t: sde.Array) -> tuple[sde.Array, sde.Array]:
+        gamma, _ = self._gamma(t)
+        xp = np if isinstance(gamma, np.ndarray | float) else jnp
+        return xp.sqrt(1.0 / (1.0 + xp.exp(gamma))), xp.sqrt(1.0 / (1.0 + xp.exp(-gamma)))
+
+    def time_at_log_snr(self, log_snr: sde.Array) -> sde.Array:
+        if isinstance(log_snr, np.ndarray | float | int):
+            return np.interp(-np.asarray(log_snr), self.gammas, self.knots)  # log SNR = -γ
+        return jnp.interp(-log_snr, jnp.asarray(self.gammas, jnp.float32), jnp.asarray(self.knots, jnp.float32))
+
+    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        gamma, slope = self._gamma(t)
+        sigma2 = jax.nn.sigmoid(gamma)
+        return -0.5 * per_example(sigma2 * slope, x) * x, jnp.sqrt(sigma2 * slope)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0

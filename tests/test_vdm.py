@@ -9,7 +9,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import vdm
+import diffusion_jax as dj
+from diffusion_jax import exact, vdm
 
 S = 0.7  # the data: x ~ N(0, S² I)
 DIM = 256
@@ -93,3 +94,25 @@ def test_the_discretised_decoder_and_the_fourier_features():
     np.testing.assert_allclose(features[0, 0, 0, 3:7], [*np.sin(angles), *np.cos(angles)], atol=1e-4)
     t = vdm.antithetic_times(jax.random.key(3), 8)
     np.testing.assert_allclose(np.sort(np.asarray(t)) - np.sort(np.asarray(t))[0], np.arange(8) / 8, atol=1e-6)
+
+
+def test_every_sampler_drives_a_learned_schedule_through_its_process():
+    gamma = vdm.MonotonicGamma(gamma_0=-10.0, gamma_1=8.0, hidden=64, rngs=nnx.Rngs(3))
+    process = vdm.LearnedVP.from_gamma(gamma)
+    t = np.asarray([0.01, 0.3, 0.77, 0.999])
+    alpha, sigma = process.alpha_sigma(t)
+    want_alpha, want_sigma = vdm.alpha_sigma(gamma(jnp.asarray(t, jnp.float32)))
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-4)
+    np.testing.assert_allclose(process.time_at_log_snr(process.log_snr(t)), t, atol=1e-6)
+    drift, g = process.sde(jnp.ones((4, 1)), jnp.asarray(t, jnp.float32))  # f = d log α / dt, g² = σ² γ'
+    log_alpha = lambda s: np.log(process.alpha_sigma(s)[0])  # noqa: E731
+    np.testing.assert_allclose(drift[:, 0], (log_alpha(t + 1e-4) - log_alpha(t - 1e-4)) / 2e-4, rtol=2e-2)
+    assert bool(jnp.all(g > 0))
+    mixture = exact.ring(8, std=0.05)
+    x_T = jax.random.normal(jax.random.key(0), (4000, 2))
+    reference = mixture.sample(np.random.default_rng(1), 4000)
+    for name, steps in (("ddim", 100), ("dpm_solver++", 20), ("heun", 30)):
+        x0 = dj.samplers.get(name)(exact.x0_model(mixture, process), process, jax.random.key(1), x_T, steps=steps,
+                                   prediction="x0", clip_x0=None)
+        assert exact.sliced_wasserstein(np.asarray(x0), reference) < 0.06, name
