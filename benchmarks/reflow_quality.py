@@ -38,27 +38,21 @@ def mixture() -> exact.GaussianMixture:
     return exact.ring(8, radius=1.0, std=0.05)
 
 
-def exact_velocity(mix: exact.GaussianMixture) -> dj.diffusion.ModelFn:
-    """E[ε - x_0 | x_t] = (x_t - E[x_0 | x_t]) / t."""
-    x0_model = exact.x0_model(mix, PROCESS)
-    return lambda x, t: (x - x0_model(x, t)) / t[:, None]
-
-
 def train_flow(
     draw: Any, steps: int, params: nnx.State | None = None, batch: int = 512, seed: int = 0,
     learning_rate: float = 1e-3,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Flow matching of the MLP on batches `draw(rng, batch) -> (x0, noise or None)`, from `params` or fresh."""
-    graphdef, fresh = nnx.split(models.create("mlp", in_features=2, hidden=128, depth=3, dropout=0.0,
-                                              rngs=nnx.Rngs(seed)))
+    """Flow matching of the MLP on batches `draw(rng, batch) -> (x0, noise or None)`, from `params` or fresh; the
+    MLP is wrapped as a flow run's model is (`models.Preconditioned(..., 'flow')`: it sees 1000 t)."""
+    mlp = models.create("mlp", in_features=2, hidden=128, depth=3, dropout=0.0, rngs=nnx.Rngs(seed))
+    graphdef, fresh = nnx.split(models.Preconditioned(mlp, "flow"))
     params = fresh if params is None else params
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
     @jax.jit
     def step(params: nnx.State, opt_state: optax.OptState, x0: jax.Array, noise: jax.Array | None, key: jax.Array):
         def loss(params: nnx.State) -> jax.Array:
-            velocity = lambda x, t: nnx.merge(graphdef, params)(x, 1000.0 * t)  # noqa: E731  as models.Preconditioned
-            return flow.flow_matching_loss(velocity, x0, key, noise=noise)[0]
+            return flow.flow_matching_loss(velocity_of(graphdef, params), x0, key, noise=noise)[0]
 
         grads = jax.grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -72,7 +66,7 @@ def train_flow(
 
 
 def velocity_of(graphdef: nnx.GraphDef, params: nnx.State) -> dj.diffusion.ModelFn:
-    return lambda x, t: nnx.merge(graphdef, params)(x, 1000.0 * t)
+    return lambda x, t: nnx.merge(graphdef, params)(x, t)
 
 
 def euler(velocity: dj.diffusion.ModelFn, z: jax.Array, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +103,7 @@ def evaluate(steps: int, num_pairs: int, n: int) -> dict[str, Any]:
     start = time.perf_counter()
     second = train_flow(draw_pairs, steps, params=first[1], seed=1)
     seconds["2-rectified"] = time.perf_counter() - start
-    flows = {"exact velocity (the limit of flow matching)": exact_velocity(mix),
+    flows = {"exact velocity (the limit of flow matching)": exact.velocity_model(mix, PROCESS),
              "1-rectified flow (flow matching)": velocity_of(*first),
              "2-rectified flow (reflow, from the 1-flow)": velocity_of(*second)}
     z_eval = jax.random.normal(jax.random.key(11), (n, 2))

@@ -11,7 +11,7 @@ discretise the reverse process.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,13 @@ def x0_model(mixture: GaussianMixture, schedule: Schedule):
         return posterior_mean(mixture, flat, alpha, sigma).reshape(x_t.shape)
 
     return model_fn
+
+
+def velocity_model(mixture: GaussianMixture, process: Any):
+    """model_fn(x_t, t) -> E[eps - x_0 | x_t] = (x_t - E[x_0 | x_t]) / t (prediction='velocity') on `sde.Flow`,
+    where sigma_t = t; x_t [B, D]."""
+    denoise = x0_model(mixture, process)
+    return lambda x_t, t: (x_t - denoise(x_t, t)) / t[:, None]
 
 
 def sliced_wasserstein(a: np.ndarray, b: np.ndarray, num_projections: int = 256, seed: int = 0) -> float:

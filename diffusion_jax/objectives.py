@@ -249,16 +249,13 @@ def distill(
 def load_teacher(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> nnx.State:
     """The parameters of `distill.teacher_workdir` (the EMA its config samples with), checked to be this run's
     network on this run's data and schedule."""
-    from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
-
     field = "distill.teacher_workdir"
     workdir = config.distill.get("teacher_workdir")
     if workdir is None:
         raise ConfigError(f"{field}: None; training.objective='distill' needs the workdir of a trained diffusion run")
-    teacher = load(workdir, field=field)
+    teacher = load_diffusion_run(workdir, field, example_shape)
     trained = teacher.config
-    check_diffusion_run(teacher, workdir, field, example_shape)
-    check_same_network(teacher, config, field, example_shape)  # the student is the teacher's network
+    check_same_network(teacher, workdir, field, config)  # the student is the teacher's network
     if trained.diffusion.prediction != config.diffusion.prediction:
         raise ConfigError(f"diffusion.prediction: the teacher {workdir} predicts {trained.diffusion.prediction!r}, "
                           f"this config {config.diffusion.prediction!r}")
@@ -300,8 +297,6 @@ def flow_matching(
 ) -> Objective:
     """`flow.flow_matching_loss` on the velocity network of `diffusion.process='flow'`: t by `flow.t_sampling`,
     ε fresh, or with `flow.pairs_dir` the noise each reflow pair was drawn from (the batch's 'noise')."""
-    from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
-
     require_process(config, "flow")
     f = config.flow
     flow.check_t_sampling(f.t_sampling)
@@ -309,9 +304,8 @@ def flow_matching(
         reflow.open_pairs(f.pairs_dir, example_shape)  # checked here, before compiling; the loop reads them
     initial_params = None
     if f.get("init_workdir") is not None:  # reflow's k-rectified flow starts from the (k-1)-rectified one
-        start = load(f.init_workdir, field="flow.init_workdir")
-        check_diffusion_run(start, f.init_workdir, "flow.init_workdir", example_shape)
-        check_same_network(start, config, "flow.init_workdir", example_shape)
+        start = load_diffusion_run(f.init_workdir, "flow.init_workdir", example_shape)
+        check_same_network(start, f.init_workdir, "flow.init_workdir", config)
         initial_params = start.params
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -322,13 +316,10 @@ def flow_matching(
     return Objective(loss, initial_params=initial_params)
 
 
-def check_same_network(loaded: Any, config: ml_collections.ConfigDict, field: str,
-                       example_shape: tuple[int, ...]) -> None:
-    """`loaded` must be this run's network (`model.*` less dropout, `diffusion.process`) on its examples."""
-    trained, workdir = loaded.config, config_field(config, field)
-    if tuple(loaded.example_shape) != tuple(example_shape):
-        raise ConfigError(f"data.image_size: {field} {workdir} models {tuple(loaded.example_shape)} examples; this "
-                          f"run's are {tuple(example_shape)}")
+def check_same_network(loaded: Any, workdir: str, field: str, config: ml_collections.ConfigDict) -> None:
+    """`loaded` (the run in `workdir`, given by `field`) must be this run's network: `model.*` less dropout,
+    `diffusion.process`."""
+    trained = loaded.config
     changes = network_changes(trained, config)
     if changes:
         key, (had, has) = next(iter(changes.items()))
@@ -348,12 +339,6 @@ def network_changes(trained: ml_collections.ConfigDict, config: ml_collections.C
     return changes
 
 
-def config_field(config: ml_collections.ConfigDict, field: str) -> Any:
-    """The value of a dotted config field ('distill.teacher_workdir')."""
-    section, name = field.split(".")
-    return config[section][name]
-
-
 @OBJECTIVES.register("consistency")
 def consistency_objective(
     config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
@@ -369,7 +354,7 @@ def consistency_objective(
     The teacher is any diffusion run on this data (a discrete-schedule run is read in the VE scale,
     `consistency.ve_denoiser`); the student starts as it when it is an 'edm' run of this `model`.
     """
-    from diffusion_jax.loading import ema_index, load  # loading builds on training.setup, as this module does
+    from diffusion_jax.loading import ema_index  # loading builds on training.setup, as this module does
 
     require_process(config, "edm")
     d, c = config.diffusion, config.consistency
@@ -384,8 +369,7 @@ def consistency_objective(
     teacher, teacher_fn, initial_params = None, None, None
     if c.teacher_workdir is not None:
         field = "consistency.teacher_workdir"
-        loaded = load(c.teacher_workdir, field=field)
-        check_diffusion_run(loaded, c.teacher_workdir, field, example_shape)
+        loaded = load_diffusion_run(c.teacher_workdir, field, example_shape)
         teacher, trained = loaded.params, loaded.config
         if trained.diffusion.get("process", "discrete") == "edm" and not network_changes(trained, config):
             initial_params = teacher  # the student starts as the teacher's network
@@ -413,11 +397,16 @@ def consistency_objective(
 DIFFUSION_OBJECTIVES = ("denoise", "edm", "flow_matching")  # runs whose model is a denoiser or a velocity
 
 
-def check_diffusion_run(loaded: Any, workdir: str, field: str, example_shape: tuple[int, ...]) -> None:
-    """A teacher (or a starting point) must be a diffusion model of this run's examples (one-line ConfigErrors)."""
+def load_diffusion_run(workdir: str, field: str, example_shape: tuple[int, ...]) -> Any:
+    """`dj.load` of a teacher or starting point (`field` gave `workdir`), checked to be a diffusion model of this
+    run's examples (one-line ConfigErrors)."""
+    from diffusion_jax.loading import load  # loading builds on training.setup, as this module does
+
+    loaded = load(workdir, field=field)
     objective = loaded.config.training.get("objective", "denoise")
     if objective not in DIFFUSION_OBJECTIVES:
         raise ConfigError(f"{field}: {workdir} is a training.objective={objective!r} run, not a diffusion model")
     if tuple(loaded.example_shape) != tuple(example_shape):
         raise ConfigError(f"data.image_size: {field} {workdir} models {tuple(loaded.example_shape)} examples; "
                           f"this run's are {tuple(example_shape)}")
+    return loaded

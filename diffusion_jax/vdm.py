@@ -200,7 +200,8 @@ class LearnedVP(sde.Process):
     def time_at_log_snr(self, log_snr: sde.Array) -> sde.Array:
         if isinstance(log_snr, np.ndarray | float | int):
             return np.interp(-np.asarray(log_snr), self.gammas, self.knots)  # log SNR = -γ
-        return jnp.interp(-log_snr, jnp.asarray(self.gammas, jnp.float32), jnp.asarray(self.knots, jnp.float32))
+        knots, gammas, _ = self._tables
+        return jnp.interp(-log_snr, gammas, knots)
 
     def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         gamma, slope = self._gamma(t)

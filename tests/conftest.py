@@ -65,6 +65,22 @@ def tiny_digits_config(data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def changed(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+    """`config` with dotted `fields` ({'model.learn_sigma': True}) set."""
+    config.update_from_flattened_dict(fields)
+    return config
+
+
+def assert_build_errors(cases: list[tuple[ml_collections.ConfigDict, str]]) -> None:
+    """Each config's `experiment.build` fails before compiling with a ConfigError matching its regex."""
+    from diffusion_jax.errors import ConfigError
+    from diffusion_jax.training import experiment
+
+    for config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            experiment.build(config)
+
+
 def load_config(name: str) -> ml_collections.ConfigDict:
     """configs/<name>.py, loaded from its file as the entry point loads it."""
     return config_from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import assert_build_errors, changed, tiny_digits_config
 
 import diffusion_jax as dj
 from diffusion_jax import exact, schedules
@@ -257,25 +257,18 @@ def test_ict_resumes_mid_curriculum_exactly(digits_data_dir, tmp_path):
 
 
 def test_consistency_config_errors_name_the_field(edm_teacher_workdir, digits_data_dir, tmp_path):
-    for config, message in [
+    assert_build_errors([
         (consistency_config(digits_data_dir, tmp_path / "nowhere"),
          r"^consistency.teacher_workdir: .*nowhere has no checkpoints/"),
         (consistency_config(digits_data_dir, target_ema_decay=0.7), r"^consistency.target_ema_decay: 0.7"),
         (consistency_config(digits_data_dir, distance="lpips"), r"^consistency.distance: unknown 'lpips'"),
         (consistency_config(digits_data_dir, curriculum="ict", s0=8, s1=4), r"^consistency.s0, consistency.s1: 8, 4"),
-    ]:
-        with pytest.raises(ConfigError, match=message):
-            experiment.build(config)
-    config = consistency_config(digits_data_dir)
-    config.diffusion.preconditioning = "edm"
-    with pytest.raises(ConfigError, match=r"^diffusion.preconditioning: 'edm'; training.objective='consistency' "
-                                          r"needs 'consistency'"):
-        experiment.build(config)
-    config = consistency_config(digits_data_dir, edm_teacher_workdir)
-    config.data.image_size = 16
-    config.model.attn_resolutions = (8,)
-    with pytest.raises(ConfigError, match=r"^data.image_size: .*teacher_workdir .* models \(8, 8, 1\) examples"):
-        experiment.build(config)
+        (changed(consistency_config(digits_data_dir), {"diffusion.preconditioning": "edm"}),
+         r"^diffusion.preconditioning: 'edm'; training.objective='consistency' needs 'consistency'"),
+        (changed(consistency_config(digits_data_dir, edm_teacher_workdir),
+                 {"data.image_size": 16, "model.attn_resolutions": (8,)}),
+         r"^data.image_size: .*teacher_workdir .* models \(8, 8, 1\) examples"),
+    ])
 
 
 def test_a_discrete_teacher_is_read_in_the_ve_scale():

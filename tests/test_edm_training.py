@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, tiny_digits_config
+from conftest import assert_build_errors, changed, load_config, tiny_digits_config
 from flax import nnx
 
 import diffusion_jax as dj
@@ -64,32 +64,21 @@ def test_the_wrapper_is_the_preconditioned_backbone_and_consistency_has_its_boun
 
 
 def test_process_mismatches_are_one_line_errors(digits_data_dir):
-    for change, message in [
-        (dict(prediction="eps"), r"^diffusion.prediction: 'eps'; diffusion.process='edm' wraps .* set 'x0'"),
-        (dict(process="vdm"), r"^diffusion.process: unknown 'vdm'; choose one of: discrete, edm, flow"),
-        (dict(sigma_min=0.0), r"^diffusion.sigma_min, diffusion.sigma_max: got 0.0, 80.0; need 0 < sigma_min"),
-    ]:
-        config = edm_config(digits_data_dir)
-        config.diffusion.update(change)
-        with pytest.raises(ConfigError, match=message):
-            experiment.build(config)
-    config = edm_config(digits_data_dir)
-    config.model.learn_sigma = True
-    with pytest.raises(ConfigError, match=r"^model.learn_sigma: True; EDM preconditioning .* not a learned-variance"):
-        experiment.build(config)
-    config = edm_config(digits_data_dir)
-    config.training.objective = "denoise"
-    with pytest.raises(ConfigError, match=r"^diffusion.process: 'edm'; training.objective='denoise' trains on "
-                                          r"'discrete' \(or training.objective='edm'"):
-        experiment.build(config)
-    config = tiny_digits_config(digits_data_dir)
-    config.training.objective = "edm"
-    with pytest.raises(ConfigError, match=r"^diffusion.process: 'discrete'; training.objective='edm' trains on 'edm'"):
-        experiment.build(config)
-    config = edm_config(digits_data_dir)
-    config.eval.metrics = ("vlb_bpd",)
-    with pytest.raises(ConfigError, match=r"^eval.metrics: 'vlb_bpd' sums the T terms of a discrete schedule"):
-        experiment.build(config)
+    edm = lambda fields: changed(edm_config(digits_data_dir), fields)  # noqa: E731
+    assert_build_errors([
+        (edm({"diffusion.prediction": "eps"}),
+         r"^diffusion.prediction: 'eps'; diffusion.process='edm' wraps .* set 'x0'"),
+        (edm({"diffusion.process": "vdm"}), r"^diffusion.process: unknown 'vdm'; choose one of: discrete, edm, flow"),
+        (edm({"diffusion.sigma_min": 0.0}),
+         r"^diffusion.sigma_min, diffusion.sigma_max: got 0.0, 80.0; need 0 < sigma_min"),
+        (edm({"model.learn_sigma": True}),
+         r"^model.learn_sigma: True; diffusion.process='edm' wraps .* not a learned-variance"),
+        (edm({"training.objective": "denoise"}),
+         r"^diffusion.process: 'edm'; training.objective='denoise' trains on 'discrete' \(or training.objective='edm'"),
+        (changed(tiny_digits_config(digits_data_dir), {"training.objective": "edm"}),
+         r"^diffusion.process: 'discrete'; training.objective='edm' trains on 'edm'"),
+        (edm({"eval.metrics": ("vlb_bpd",)}), r"^eval.metrics: 'vlb_bpd' sums the T terms of a discrete schedule"),
+    ])
 
 
 def test_an_edm_run_trains_loads_and_samples_on_its_process(digits_data_dir, tmp_path):

@@ -5,19 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import assert_build_errors, changed, tiny_digits_config
 
 import diffusion_jax as dj
 from diffusion_jax import diffusion, exact, flow, reflow, sde
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment
 from diffusion_jax.training.loop import train
-
-
-def exact_velocity(mixture: exact.GaussianMixture, process: sde.Flow):
-    """u(x_t, t) = E[ε - x_0 | x_t] = (x_t - E[x_0 | x_t]) / t of the mixture."""
-    x0_model = exact.x0_model(mixture, process)
-    return lambda x, t: (x - x0_model(x, t)) / t[:, None]
 
 
 def test_the_flow_process_is_the_linear_interpolant():
@@ -36,7 +30,7 @@ def test_the_flow_process_is_the_linear_interpolant():
 
 def test_the_loss_is_minimised_by_the_exact_velocity():
     mixture = exact.ring(4, std=0.1)
-    u = exact_velocity(mixture, sde.Flow())
+    u = exact.velocity_model(mixture, sde.Flow())
     x0 = jnp.asarray(mixture.sample(np.random.default_rng(0), 16384), jnp.float32)
     key = jax.random.key(1)
 
@@ -62,7 +56,7 @@ def test_euler_on_the_flow_draws_the_mixture_and_measures_straightness():
     process = sde.Flow()
     x_T = jax.random.normal(jax.random.key(0), (4000, 2))
     sample = dj.samplers.get("ddim")
-    x0, info = sample(exact_velocity(mixture, process), process, jax.random.key(1), x_T, steps=100,
+    x0, info = sample(exact.velocity_model(mixture, process), process, jax.random.key(1), x_T, steps=100,
                       prediction="velocity", spacing="trailing", clip_x0=None, return_trajectory=True)
     trajectory = info.trajectory  # [101, B, 2]: x_T first
     reference = mixture.sample(np.random.default_rng(1), 4000)
@@ -101,14 +95,11 @@ def test_a_flow_trains_and_reflow_retrains_it_on_its_own_pairs(digits_data_dir, 
     second = train(config, tmp_path / "rf2")
     assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, second.params, first.params)))
 
-    config.flow.pairs_dir = str(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"^flow.pairs_dir: .*nowhere holds no reflow pairs"):
-        experiment.build(config)
-    config = rf_config(digits_data_dir)
-    config.diffusion.prediction = "eps"
-    with pytest.raises(ConfigError, match=r"^diffusion.prediction: 'eps' on diffusion.process='flow'"):
-        experiment.build(config)
-    config = rf_config(digits_data_dir)
-    config.diffusion.process = "discrete"
-    with pytest.raises(ConfigError, match=r"^diffusion.prediction: 'velocity' on diffusion.process='discrete'"):
-        experiment.build(config)
+    assert_build_errors([
+        (changed(config, {"flow.pairs_dir": str(tmp_path / "nowhere")}),
+         r"^flow.pairs_dir: .*nowhere holds no reflow pairs"),
+        (changed(rf_config(digits_data_dir), {"diffusion.prediction": "eps"}),
+         r"^diffusion.prediction: 'eps' on diffusion.process='flow'"),
+        (changed(rf_config(digits_data_dir), {"diffusion.process": "discrete"}),
+         r"^diffusion.prediction: 'velocity' on diffusion.process='discrete'"),
+    ])

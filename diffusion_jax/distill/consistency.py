@@ -123,12 +123,10 @@ def check_options(options: Any) -> None:
 def ve_denoiser(model_fn: diffusion.ModelFn, process: Any, prediction: str) -> diffusion.ModelFn:
     """A diffusion model's x̂_0 as a function of the VE-scale point (x, σ) the consistency grid uses.
 
-    On `sde.EDM` the model time is σ and x is its input. On any other process (a discrete schedule through
-    `sde.DiscreteVP`'s continuous view) x_VE = x_t / α_t and σ = σ_t / α_t, so the model is called at the
-    time t whose log-SNR is -2 ln σ with x_t = α_t x (σ beyond the process's range clips to its ends).
+    x_VE = x_t / α_t and σ = σ_t / α_t, so the model is called at the time t whose log-SNR is -2 ln σ with
+    x_t = α_t x (σ beyond the process's range clips to its ends); on `sde.EDM` that is t = σ and x_t = x,
+    and a discrete schedule is read through `sde.DiscreteVP`'s continuous view.
     """
-    if isinstance(process, sde.EDM):
-        return lambda x, sigma: diffusion.to_x0_eps(model_fn(x, sigma), x, 1.0, per_example(sigma, x), prediction).x0
     continuous = sde.as_process(process)
 
     def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:

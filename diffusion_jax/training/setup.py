@@ -31,9 +31,10 @@ def build_process(config: ml_collections.ConfigDict) -> Process:
                           "velocity ε - x_0 ('velocity') is what diffusion.process='flow' trains, and only it")
     if process == "discrete":
         return schedules.get(d.schedule, d.num_timesteps)
+    if process in ("edm", "flow") and config.model.get("learn_sigma"):
+        raise ConfigError(f"model.learn_sigma: True; diffusion.process={process!r} wraps a network of one output "
+                          "(`models.Preconditioned`), not a learned-variance head")
     if process == "flow":
-        if config.model.get("learn_sigma"):
-            raise ConfigError("model.learn_sigma: True; diffusion.process='flow' trains a velocity, not a variance")
         return sde.Flow()
     if process == "edm":
         if not 0 < d.sigma_min < d.sigma_max:
@@ -42,9 +43,6 @@ def build_process(config: ml_collections.ConfigDict) -> Process:
         if d.prediction != "x0":
             raise ConfigError(f"diffusion.prediction: {d.prediction!r}; diffusion.process='edm' wraps the network "
                               "in EDM's preconditioning, whose output is x̂_0: set 'x0'")
-        if config.model.get("learn_sigma"):
-            raise ConfigError("model.learn_sigma: True; EDM preconditioning (diffusion.process='edm') wraps a "
-                              "network of one output, not a learned-variance head")
         return sde.EDM(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data)
     raise ConfigError(f"diffusion.process: unknown {process!r}; choose one of: {', '.join(PROCESSES)}")
 
@@ -84,11 +82,12 @@ def build_model(
     def make(key: jax.Array) -> nnx.Module:
         model = models.create(config.model.name, rngs=nnx.Rngs(key), **kwargs)
         d = config.diffusion
-        if d.get("process", "discrete") == "edm":  # the network is EDM's D(x; σ)
-            model = models.Preconditioned(model, d.preconditioning, d.sigma_data, d.sigma_min)
-        elif d.get("process", "discrete") == "flow":  # the network sees 1000 t, as SD3's
-            model = models.Preconditioned(model, "flow")
-        return model
+        process = d.get("process", "discrete")
+        if process == "discrete":
+            return model
+        # EDM's D(x; σ), or a flow's velocity at 1000 t (SD3's timestep scale)
+        return models.Preconditioned(model, "flow" if process == "flow" else d.preconditioning, d.sigma_data,
+                                     d.sigma_min)
 
     graphdef, _ = split_model(nnx.eval_shape(lambda: make(jax.random.key(0))))
     return graphdef, jax.jit(lambda key: split_model(make(key))[1])
