@@ -24,8 +24,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   above, model time = the timestep index; 'flow': the linear interpolant (1 - t) x_0 + t ε of flow matching,
   model time t, prediction 'velocity' (ε - x_0); 'edm': EDM's x + σ n with model time σ in [`sigma_min`, `sigma_max`]
   and the network wrapped in `preconditioning` ('edm': Karras et al. Table 1; 'consistency': its σ_min-shifted
-  form, f(x, σ_min) = x exactly) with `sigma_data`; `models.Preconditioned`), `p_mean`, `p_std` (EDM training's
-  lognormal σ, `training.objective='edm'`).
+  form, f(x, σ_min) = x exactly) with `sigma_data`; `models.Preconditioned`); 'vdm': VDM's variance-preserving
+  process of a learned γ (`vdm` below), model time t ∈ [0, 1], prediction 'eps'), `p_mean`, `p_std` (EDM
+  training's lognormal σ, `training.objective='edm'`).
 - `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine | linear),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
@@ -36,7 +37,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
   `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'edm': EDM's denoising loss on
-  `diffusion.process='edm'`; 'flow_matching': flow matching / rectified flow (`flow` below); 'consistency':
+  `diffusion.process='edm'`; 'flow_matching': flow matching / rectified flow (`flow` below); 'vdm': VDM's
+  continuous VLB with its learned schedule on `diffusion.process='vdm'` (`vdm` below); 'consistency':
   consistency distillation or training (`consistency` below); 'distill': progressive distillation (`distill`
   below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
@@ -61,6 +63,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   rf/lognorm(0, 1)), `pairs_dir` (reflow: train on the (noise, sample) pairs that
   `python -m diffusion_jax.reflow` drew from a trained flow, instead of independent noise; None: off),
   `init_workdir` (a flow run of this `model` whose sampling EMA this run starts from: reflow's next flow).
+- `vdm` (`training.objective='vdm'`, `diffusion.process='vdm'`; `diffusion_jax.vdm`, `models.VDMNetwork`):
+  `gamma_min`, `gamma_max` (γ's initial endpoints, learned from there; the network's time input is γ scaled
+  by them), `gamma_hidden` (width of γ's monotonic network, App. H: 1024), `fourier` ((n_min, n_max) of the
+  input's sin/cos(2^n π z) features, §3.4, (6, 7) as google-research/vdm; (): none), `decoder` ('discrete':
+  8-bit pixels, a softmax over the 256 levels; 'gaussian': continuous data such as latents).
 - `consistency` (`training.objective='consistency'`, `diffusion.process='edm'` with
   `diffusion.preconditioning='consistency'`; `distill.consistency`): `teacher_workdir` (consistency distillation
   from this diffusion run's probability-flow ODE, one Heun step per level; None: consistency training),
@@ -94,7 +101,8 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   the likelihood data, `seed`, `variance` of the VLB's reverse steps (None: 'learned_range' with
   model.learn_sigma, else sample.variance or 'fixed_small'), `clip_x0` of its x̂_0 (improved DDPM evaluates
   with 1.0); `ode_probe` (gaussian | rademacher), `ode_num_probes`, `ode_repeats` (dataset repeats with fresh
-  dequantisation), `ode_solver`, `ode_rtol`, `ode_atol`; `num_samples` drawn with `config.sample` for the sample
+  dequantisation), `ode_solver`, `ode_rtol`, `ode_atol`; `vdm_time_samples` (a VDM's VLB: one-t estimates
+  averaged per example); `num_samples` drawn with `config.sample` for the sample
   metrics, `inception_weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz conversion),
   `inception_batch_size`, `reference_stats` (an .npz with mu, sigma; None: computed from `reference_split` of the
   dataset and cached in <workdir>/eval/), `kid_subsets`, `kid_subset_size`.
@@ -194,6 +202,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, pairs_dir=placeholder(str),
              init_workdir=placeholder(str))
     )
+    config.vdm = ml_collections.ConfigDict(
+        dict(gamma_min=-13.3, gamma_max=5.0, gamma_hidden=1024, fourier=(6, 7), decoder="discrete")
+    )
     config.consistency = ml_collections.ConfigDict(
         dict(teacher_workdir=placeholder(str), num_levels=18, curriculum="fixed", s0=10,
              s1=1280, level_sampling="uniform", p_mean=-1.1, p_std=2.0, weighting="uniform", distance="l2",
@@ -258,6 +269,7 @@ def base_config() -> ml_collections.ConfigDict:
             ode_solver="tsit5",
             ode_rtol=1e-5,
             ode_atol=1e-5,
+            vdm_time_samples=1,
             num_samples=50_000,
             inception_weights=placeholder(str),
             inception_batch_size=50,

@@ -7,7 +7,9 @@ to the protocol that produced it.
 `config.eval.metrics` picks from:
 - 'vlb_bpd': the variational bound in bits/dim on `eval.split` (Ho et al. 2020 Eq. 5, all T terms,
   the prior and the discretised decoder; `vlb.vlb_bpd`), with the mean of each term saved to
-  `eval/vlb_terms_<step>.npz` (`terms` [T], `prior`);
+  `eval/vlb_terms_<step>.npz` (`terms` [T], `prior`); for a VDM (`diffusion.process='vdm'`) its continuous-time
+  VLB (Kingma et al. 2021, Eq. 17: prior, `vdm.decoder`'s reconstruction and the diffusion loss at one
+  antithetic t per example; `vdm.vlb`), repeated `eval.vdm_time_samples` times;
 - 'ode_bpd': bits/dim from the probability-flow ODE (Song et al. 2021, App. D.2; `likelihood`),
   uniformly dequantised, averaged over `eval.ode_repeats` dataset repeats;
 - 'fid', 'inception_score', 'kid': from `eval.num_samples` samples drawn with `config.sample`, in the
@@ -23,6 +25,7 @@ and TensorBoard as `eval/<name>` scalars. The same `Evaluator` runs during train
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -36,14 +39,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffusion_jax import data, distributed, latent, likelihood, sde, vlb
+from diffusion_jax import data, distributed, latent, likelihood, sde, vdm, vlb
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import stats
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.sampling import generate, sample_labels, sample_prompts, to_uint8
-from diffusion_jax.training.setup import model_apply, network_output_fn, sampler_from_config
+from diffusion_jax.training.setup import bind_process, model_apply, network_output_fn, process_memo, sampler_from_config
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.writer import MetricWriter
 
@@ -123,7 +126,8 @@ class Evaluator:
         reference = self.eval.get("reference_stats")
         if reference is not None and not Path(reference).is_file():
             raise ConfigError(f"eval.reference_stats: no file at {reference}")
-        self.variance = vlb_variance(config) if "vlb_bpd" in self.metrics else None
+        vdm_run = config.diffusion.get("process", "discrete") == "vdm"  # its VLB has no reverse-step variance
+        self.variance = vlb_variance(config) if "vlb_bpd" in self.metrics and not vdm_run else None
         if "ode_bpd" in self.metrics and self.eval.ode_probe not in likelihood.PROBES:
             raise ConfigError(
                 f"eval.ode_probe: unknown probe {self.eval.ode_probe!r}; choose one of: {', '.join(likelihood.PROBES)}"
@@ -172,7 +176,44 @@ class Evaluator:
 
         return model_fn
 
+    def vdm_vlb_bpd(self, params: nnx.State, key: jax.Array) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """A VDM's continuous VLB (`vdm.vlb`) on `eval.split`: per example the mean of `eval.vdm_time_samples`
+        one-t estimates (antithetic within a batch), its terms in bits/dim."""
+        if self._vlb_fn is None:
+            graphdef, repeats = self.exp.graphdef, self.eval.vdm_time_samples
+            grid = None if self.config.vdm.decoder == "gaussian" else jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
+
+            def vlb_fn(params: nnx.State, images: jax.Array, labels: jax.Array, key: jax.Array) -> dict:
+                model = nnx.merge(graphdef, params)
+                cond = labels if self.num_classes is not None else None
+                x = images.astype(jnp.float32) / 127.5 - 1.0
+                eps_fn = lambda z, gamma: model.eps(z, gamma, cond)  # noqa: E731
+                draws = jax.lax.map(lambda k: vdm.vlb(eps_fn, model.gamma, x, k, grid), jax.random.split(key, repeats))
+                return jax.tree.map(lambda v: jnp.mean(v, axis=0), draws)
+
+            self._vlb_fn = jax.jit(vlb_fn)
+        parts = {name: [] for name in ("bpd", "prior", "reconstruction", "diffusion")}
+        batches = self._batches()
+        for i, (images, labels, count) in enumerate(batches):
+            out = distributed.fetch(self._vlb_fn(params, images, labels, jax.random.fold_in(key, i)))
+            for name in parts:
+                parts[name].append(out[name][:count])
+            logging.info("VDM VLB: batch %d/%d, %.4f bits/dim so far", i + 1, len(batches),
+                         np.concatenate(parts["bpd"]).mean())
+        total = np.concatenate(parts["bpd"])
+        to_bpd = 1.0 / (math.prod(self.exp.example_shape) * math.log(2.0))  # nats per example -> bits/dim
+        scalars = {
+            "vlb_bpd": float(total.mean()),
+            "vlb_bpd_prior": float(np.concatenate(parts["prior"]).mean() * to_bpd),
+            "vlb_bpd_decoder": float(np.concatenate(parts["reconstruction"]).mean() * to_bpd),
+            "vlb_bpd_diffusion": float(np.concatenate(parts["diffusion"]).mean() * to_bpd),
+            "vlb_bpd_sem": float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else 0.0,
+        }
+        return scalars, {name: np.concatenate(values) for name, values in parts.items()}
+
     def vlb_bpd(self, params: nnx.State, key: jax.Array) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        if self.config.diffusion.get("process", "discrete") == "vdm":
+            return self.vdm_vlb_bpd(params, key)
         if self._vlb_fn is None:
             schedule, prediction, clip_x0 = self.exp.schedule, self.config.diffusion.prediction, self.eval.clip_x0
 
@@ -204,20 +245,21 @@ class Evaluator:
 
     def ode_bpd(self, params: nnx.State, key: jax.Array) -> tuple[dict[str, float], int]:
         if self._ode_fn is None:
-            schedule, prediction, e = self.exp.schedule, self.config.diffusion.prediction, self.eval
+            prediction, e = self.config.diffusion.prediction, self.eval
 
-            def ode_fn(params: nnx.State, images: jax.Array, labels: jax.Array, key: jax.Array):
+            def ode_fn(process, params: nnx.State, images: jax.Array, labels: jax.Array, key: jax.Array):
                 return likelihood.ode_bits_per_dim(
-                    self._model_fn(params, labels, full_output=False), schedule, key, images, prediction,
+                    self._model_fn(params, labels, full_output=False), process, key, images, prediction,
                     num_repeats=e.ode_repeats, probe=e.ode_probe, num_probes=e.ode_num_probes,
                     ode_solver=e.ode_solver, rtol=e.ode_rtol, atol=e.ode_atol,
                 )
 
-            self._ode_fn = jax.jit(ode_fn)
+            self._ode_fn = process_memo(lambda process: jax.jit(functools.partial(ode_fn, process)))
+        ode_fn = self._ode_fn(bind_process(self.exp.schedule, self.exp.graphdef, params))  # a VDM: its γ's process
         values, nfe = [], 0
         batches = self._batches()
         for i, (images, labels, count) in enumerate(batches):
-            bpd, batch_nfe = distributed.fetch(self._ode_fn(params, images, labels, jax.random.fold_in(key, i)))
+            bpd, batch_nfe = distributed.fetch(ode_fn(params, images, labels, jax.random.fold_in(key, i)))
             values.append(bpd[:count])
             nfe = max(nfe, int(batch_nfe))
             logging.info("ODE likelihood: batch %d/%d (%d NFE), %.4f bits/dim so far", i + 1, len(batches),
@@ -374,6 +416,11 @@ class Evaluator:
                 "variance": self.variance, "clip_x0": e.clip_x0, "num_timesteps": self.exp.schedule.num_timesteps,
                 "estimator": "all T terms + the prior, one x_t draw per term and example (Ho et al. Eq. 5)",
                 "decoder": "discretised Gaussian on 256 levels (Ho et al. Eq. 13)",
+            } if self.variance is not None else {
+                "estimator": f"continuous-time VLB (Kingma et al. 2021, Eq. 17): prior + reconstruction + the "
+                             f"diffusion loss at {e.vdm_time_samples} antithetic t per example",
+                "decoder": {"discrete": "softmax over the 256 levels (VDM App. C)",
+                            "gaussian": "Gaussian N(x; z_0 / α_0, σ_0² / α_0²)"}[self.config.vdm.decoder],
             }
             if jax.process_index() == 0:
                 path = self.workdir / "eval" / f"vlb_terms_{step}.npz"
@@ -382,7 +429,7 @@ class Evaluator:
         if "ode_bpd" in self.metrics:
             values, nfe = self.ode_bpd(params, jax.random.fold_in(key, 1))
             scalars.update(values)
-            process = sde.as_process(self.exp.schedule)
+            process = sde.as_process(bind_process(self.exp.schedule, self.exp.graphdef, params))
             protocol["ode"] = {
                 "probe": e.ode_probe, "num_probes": e.ode_num_probes, "repeats": e.ode_repeats,
                 "solver": e.ode_solver, "rtol": e.ode_rtol, "atol": e.ode_atol, "t_min": float(process.t_min),

@@ -24,7 +24,7 @@ from diffusion_jax import data, latent
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import run_config
 from diffusion_jax.training.checkpoint import Checkpointer
-from diffusion_jax.training.setup import Process, build_model, build_process, model_apply
+from diffusion_jax.training.setup import Process, bind_process, build_model, build_process, model_apply
 
 _FROM_CONFIG = "config"
 
@@ -36,7 +36,7 @@ class LoadedModel(NamedTuple):
     step: int  # the checkpoint's step
     graphdef: nnx.GraphDef
     params: nnx.State  # the EMA `ema_decay` names (by default the config's `sample.ema_decay`), or the raw params
-    schedule: Process  # the noise process of `config.diffusion` (`training.setup.build_process`)
+    schedule: Process  # the noise process of `config.diffusion` (`training.setup.build_process`; a VDM's of its γ)
     example_shape: tuple[int, ...]  # one example: [H, W, C] images (latents of a latent run) or [D] vectors
     first_stage: latent.FirstStage | None = None  # a latent run's frozen autoencoder: `first_stage.decode(x0)`
 
@@ -100,7 +100,8 @@ def load(
                 failures.append(f"step {candidate}: {type(e).__name__}")
                 continue
             params = restored["params"] if index is None else restored["ema_params"][index]
-            return LoadedModel(config, candidate, graphdef, params, build_process(config), example_shape, first_stage)
+            process = bind_process(build_process(config), graphdef, params)  # a VDM's: its γ's
+            return LoadedModel(config, candidate, graphdef, params, process, example_shape, first_stage)
     finally:
         checkpointer.close()
     detail = f" ({'; '.join(failures)})" if failures else ""

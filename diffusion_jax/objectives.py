@@ -19,12 +19,15 @@ target, teacher or timestep history) and which of its auxiliary outputs are logg
   'flow_matching' flow matching / rectified flow: the velocity ε - x_0 of x_t = (1 - t) x_0 + t ε on
                 `diffusion.process='flow'`, t uniform or logit-normal, ε fresh or reflow's pairs
                 (Lipman et al. 2022; Liu et al. 2022; Esser et al. 2024; `flow`)
+  'vdm'         VDM's continuous-time VLB in bits/dim with antithetic t, its learned monotonic γ trained
+                by the variance-minimising gradient, on `diffusion.process='vdm'` (Kingma et al. 2021,
+                Eq. 17, §5.3; `vdm`)
   'consistency' consistency distillation from `consistency.teacher_workdir`'s probability-flow ODE, or
                 consistency training without it (Song et al. 2023; iCT, Song & Dhariwal 2023;
                 `distill.consistency`)
 
 Each entry trains on one kind of `diffusion.process`: 'edm' and 'consistency' on 'edm',
-'flow_matching' on 'flow', the others on the discrete schedule ('autoencode' on none).
+'flow_matching' on 'flow', 'vdm' on 'vdm', the others on the discrete schedule ('autoencode' on none).
 
 Register a new objective with `@OBJECTIVES.register(name)` on a builder
 `(config, graphdef, schedule, example_shape) -> Objective`. The math lives in the family's module
@@ -42,13 +45,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, reflow, vlb
+from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, reflow, vdm, vlb
 from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import image_quality
 from diffusion_jax.registry import Registry
 from diffusion_jax.training import run_config
-from diffusion_jax.training.setup import Process, model_apply, network_output_fn
+from diffusion_jax.training.setup import RunProcess, model_apply, network_output_fn
 
 
 class LossInputs(NamedTuple):
@@ -86,12 +89,12 @@ class Objective(NamedTuple):
     initial_params: nnx.State | None = None
 
 
-Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, Process, tuple[int, ...]], Objective]
+Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, RunProcess, tuple[int, ...]], Objective]
 OBJECTIVES: Registry[Builder] = Registry("objective", "training.objective")
 
 
 def build(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """The objective of `training.objective` for this model, noise schedule and example shape [H, W, C]."""
     return OBJECTIVES.get(config.training.get("objective", "denoise"))(config, graphdef, schedule, example_shape)
@@ -108,7 +111,7 @@ def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> di
 
 @OBJECTIVES.register("denoise")
 def denoise(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """`diffusion.loss`: 'simple' (with `loss_weighting`, `min_snr_gamma`), 'hybrid' (`vlb_weight`) or
     'vlb' (with `timestep_sampling='importance'`, t drawn from the state's `timestep_history`)."""
@@ -135,7 +138,7 @@ def denoise(
 
 @OBJECTIVES.register("classify")
 def classify(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """The classifier's logits [B, K] on x_t ~ q(x_t | x_0) at t ~ U{0..T-1}; targets are the labels."""
     require_process(config, "discrete")
@@ -153,7 +156,7 @@ FIRST_STAGE_METRICS = ("rec", "kl", "g_adv", "d_weight", "d_loss", "psnr")
 
 @OBJECTIVES.register("autoencode")
 def autoencode(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """LDM's first stage on a `models.FirstStage` (`config.autoencode`: kl_weight, disc_start,
     disc_weight, rec_kind, pixel_reduction); no diffusion schedule is used."""
@@ -201,7 +204,7 @@ def first_stage_loss(
 
 @OBJECTIVES.register("distill")
 def distill(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """Progressive distillation (`distill.progressive`) of `distill.teacher_workdir` (its `sample.ema_decay`
     parameters): round r trains steps [r S, (r + 1) S) of S = `distill.steps_per_round` for a student of
@@ -246,7 +249,7 @@ def distill(
                      teacher=teacher, advance=advance, lr_horizon=steps_per_round, initial_params=teacher)
 
 
-def load_teacher(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> nnx.State:
+def load_teacher(config: ml_collections.ConfigDict, schedule: RunProcess, example_shape: tuple[int, ...]) -> nnx.State:
     """The parameters of `distill.teacher_workdir` (the EMA its config samples with), checked to be this run's
     network on this run's data and schedule."""
     field = "distill.teacher_workdir"
@@ -270,14 +273,15 @@ def require_process(config: ml_collections.ConfigDict, process: str) -> None:
     objective, has = config.training.get("objective", "denoise"), config.diffusion.get("process", "discrete")
     if has != process:
         hint = {"edm": " (or training.objective='edm' / 'consistency' for 'edm')",
-                "flow": " (or training.objective='flow_matching' for 'flow')"}.get(has, "")
+                "flow": " (or training.objective='flow_matching' for 'flow')",
+                "vdm": " (or training.objective='vdm' for 'vdm')"}.get(has, "")
         raise ConfigError(f"diffusion.process: {has!r}; training.objective={objective!r} trains on "
                           f"{process!r}{hint}")
 
 
 @OBJECTIVES.register("edm")
 def edm(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """EDM's Eq. 8 (`edm_loss`) on the preconditioned network D(x; σ) of `diffusion.process='edm'`,
     σ lognormal with `diffusion.p_mean`, `diffusion.p_std`, weighted by λ(σ) with `diffusion.sigma_data`."""
@@ -293,7 +297,7 @@ def edm(
 
 @OBJECTIVES.register("flow_matching")
 def flow_matching(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """`flow.flow_matching_loss` on the velocity network of `diffusion.process='flow'`: t by `flow.t_sampling`,
     ε fresh, or with `flow.pairs_dir` the noise each reflow pair was drawn from (the batch's 'noise')."""
@@ -314,6 +318,29 @@ def flow_matching(
                                        logit_std=f.logit_std)
 
     return Objective(loss, initial_params=initial_params)
+
+
+@OBJECTIVES.register("vdm")
+def vdm_vlb(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
+) -> Objective:
+    """`vdm.vdm_objective` of the `models.VDMNetwork` of `diffusion.process='vdm'`: the negative VLB in bits/dim
+    (prior + `vdm.decoder`'s reconstruction + the continuous diffusion loss at antithetic t), whose gradient
+    trains the network and γ's endpoints on the VLB and γ's shape on the VLB's variance. A VDM trains on this
+    objective only: its schedule is learned, so a fixed schedule's L_simple has nothing to say about it."""
+    require_process(config, "vdm")
+    grid = None if config.vdm.decoder == "gaussian" else jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model = nnx.merge(graphdef, params)
+        rngs = nnx.Rngs(dropout=inputs.dropout_key)
+        eps_fn = lambda z, gamma: model.eps(z, gamma, inputs.cond, train=True, rngs=rngs)  # noqa: E731
+        value, aux = vdm.vdm_objective(eps_fn, model.gamma, inputs.images, inputs.key, grid)
+        ends = model.gamma(jnp.asarray([0.0, 1.0], jnp.float32))
+        return value, aux | {"gamma_0": ends[0], "gamma_1": ends[1]}
+
+    return Objective(loss, metrics=("diffusion", "gamma_0", "gamma_1"),
+                     shown=("loss", "gamma_0", "gamma_1", "grad_norm", "images_per_sec"))
 
 
 def check_same_network(loaded: Any, workdir: str, field: str, config: ml_collections.ConfigDict) -> None:
@@ -341,7 +368,7 @@ def network_changes(trained: ml_collections.ConfigDict, config: ml_collections.C
 
 @OBJECTIVES.register("consistency")
 def consistency_objective(
-    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: Process, example_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
     """Consistency distillation (`consistency.teacher_workdir`: one Heun step of the teacher's probability-flow
     ODE per level, Algorithm 2) or training (none: Algorithm 3, and iCT with `curriculum='ict'`,
@@ -394,7 +421,7 @@ def consistency_objective(
                      teacher=teacher, initial_params=initial_params)
 
 
-DIFFUSION_OBJECTIVES = ("denoise", "edm", "flow_matching")  # runs whose model is a denoiser or a velocity
+DIFFUSION_OBJECTIVES = ("denoise", "edm", "flow_matching", "vdm")  # runs whose model is a denoiser or a velocity
 
 
 def load_diffusion_run(workdir: str, field: str, example_shape: tuple[int, ...]) -> Any:

@@ -15,13 +15,18 @@ discretised one of 8-bit data (each dimension a softmax over the 256 grid values
 continuous data, the Gaussian N(x; z_0 / α_0, σ_0² / α_0²). `fourier_features` are the input
 features sin/cos(2^n π z) of §3.4.
 
+The network ε̂(z_t; γ_t) sees the noise level as γ_t, as VDM's does (`models.VDMNetwork`: Fourier
+features of z_t into any backbone, γ_t as its time), so the schedule's shape is the network's to read.
+
 `LearnedVP` is the sampler's view of a learned γ: a process evaluated from γ's parameters once, on the
-host, so every sampler drives a VDM through its (α, σ) view. Not yet a `training.objective`: the train
-loop and the eval mode must build that process from the EMA's γ when they sample; see the project notes.
+host, so every sampler drives a VDM through its (α, σ) view. `LearnedSchedule` is `diffusion.process='vdm'`
+before there are parameters: the train loop, the eval mode and `dj.load` bind it to the γ of the
+parameters they sample with (`training.setup.bind_process`).
 """
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -34,7 +39,7 @@ from diffusion_jax import sde
 from diffusion_jax.diffusion import per_example
 
 GammaFn = Callable[[jax.Array], jax.Array]  # t [B] in [0, 1] -> γ(t) [B], increasing
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], t [B]) -> ε̂ [B, ...]
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], γ_t [B]) -> ε̂ [B, ...]
 
 
 class MonotonicGamma(nnx.Module):
@@ -72,9 +77,10 @@ def antithetic_times(key: jax.Array, batch_size: int) -> jax.Array:
     return jnp.mod(jax.random.uniform(key, ()) + jnp.arange(batch_size) / batch_size, 1.0)
 
 
-def fourier_features(z: jax.Array, n_min: int = 7, n_max: int = 8) -> jax.Array:
+def fourier_features(z: jax.Array, n_min: int = 6, n_max: int = 7) -> jax.Array:
     """z [..., C] -> [..., C (1 + 2 (n_max - n_min + 1))]: z with sin and cos of 2^n π z, n = n_min..n_max (§3.4:
-    the fine scales of 8-bit data, which a network struggles to see when the SNR is high)."""
+    the fine scales of 8-bit data, which a network struggles to see when the SNR is high; n = 6, 7 as in
+    google-research/vdm's `ScoreUNet`)."""
     freqs = 2.0 ** jnp.arange(n_min, n_max + 1) * math.pi  # [F]
     angles = z[..., None] * freqs  # [..., C, F]
     features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
@@ -105,11 +111,11 @@ def reconstruction_loss(x: jax.Array, eps_0: jax.Array, gamma_0: jax.Array, grid
 
 
 def diffusion_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """½ γ'(t) ||ε - ε̂(z_t; t)||² per example [B], z_t = α_t x + σ_t ε (Eq. 17's integrand at t)."""
+    """½ γ'(t) ||ε - ε̂(z_t; γ_t)||² per example [B], z_t = α_t x + σ_t ε (Eq. 17's integrand at t)."""
     gamma, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
     alpha, sigma = alpha_sigma(gamma)
     z_t = per_example(alpha, x) * x + per_example(sigma, x) * eps
-    error = jnp.square(eps - eps_fn(z_t, t).astype(jnp.float32)).reshape(x.shape[0], -1)
+    error = jnp.square(eps - eps_fn(z_t, gamma).astype(jnp.float32)).reshape(x.shape[0], -1)
     return 0.5 * dgamma * jnp.sum(error, axis=1)
 
 
@@ -137,8 +143,10 @@ def vdm_objective(
     γ's endpoints, ½ d/dη E[L²] = E[L dL/dη] (the estimator's variance, §5.3) for γ's shape parameters η.
 
     L is computed twice with the same draws: with the shape under stop_gradient (for the network and the
-    endpoints) and with the network and endpoints under stop_gradient (for the shape); the value returned
-    is the VLB itself.
+    endpoints) and with the network and endpoints under stop_gradient (for the shape); the value returned is
+    the VLB itself. The second pass replays the first pass's ε̂ (under stop_gradient) instead of calling the
+    network again, so a step costs one network evaluation; the shape's gradient thus holds ε̂ fixed and does
+    not follow γ_t through the network's input.
     """
     graphdef, params = nnx.split(gamma)
     frozen = jax.lax.stop_gradient
@@ -152,9 +160,14 @@ def vdm_objective(
                                                 params)
         return lambda t: nnx.merge(graphdef, kept)(t)
 
-    terms = vlb(eps_fn, gamma_with(shape_frozen=True), x, key, grid)
-    frozen_eps = lambda z, t: frozen(eps_fn(z, t))  # noqa: E731
-    shape_terms = vlb(frozen_eps, gamma_with(shape_frozen=False), x, key, grid)
+    evaluated: list[jax.Array] = []  # the first pass's ε̂ [B, ...], replayed by the second
+
+    def recorded_eps(z: jax.Array, g: jax.Array) -> jax.Array:
+        evaluated.append(eps_fn(z, g))
+        return evaluated[-1]
+
+    terms = vlb(recorded_eps, gamma_with(shape_frozen=True), x, key, grid)
+    shape_terms = vlb(lambda z, g: frozen(evaluated[0]), gamma_with(shape_frozen=False), x, key, grid)
     loss, shape_loss = terms["bpd"], shape_terms["bpd"]
     surrogate = jnp.mean(loss) + jnp.mean(frozen(loss) * (shape_loss - frozen(shape_loss)))
     return surrogate, {k: jnp.mean(v) for k, v in terms.items()}
@@ -174,6 +187,21 @@ class LearnedVP(sde.Process):
     t_min: float = 1e-3
     t_max: float = 1.0
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the tables: equal processes (the same γ) compare and hash equal, so a function compiled
+        for one is reused for the other."""
+        digest = hashlib.sha256(repr((self.t_min, self.t_max)).encode())
+        for table in (self.knots, self.gammas, self.slopes):
+            digest.update(np.ascontiguousarray(table, np.float64).tobytes())
+        return digest.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LearnedVP) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
     @classmethod
     def from_gamma(cls, gamma_fn: GammaFn, num_knots: int = 4097, t_min: float = 1e-3) -> "LearnedVP":
         """The process of `gamma_fn` (e.g. a `MonotonicGamma` with the EMA's parameters)."""
@@ -182,8 +210,9 @@ class LearnedVP(sde.Process):
         gamma, slope = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
         return cls(knots, np.asarray(gamma, np.float64), np.asarray(slope, np.float64), t_min=t_min)
 
-    @functools.cached_property
+    @property
     def _tables(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # Made afresh at each use: a cached jax array first made inside a trace would be a leaked tracer.
         return tuple(jnp.asarray(a, jnp.float32) for a in (self.knots, self.gammas, self.slopes))
 
     def _gamma(self, t: sde.Array) -> tuple[sde.Array, sde.Array]:
@@ -211,3 +240,23 @@ class LearnedVP(sde.Process):
     @property
     def prior_std(self) -> float:
         return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedSchedule:
+    """`diffusion.process='vdm'` before its parameters exist: the schedule is the model's γ (`models.VDMNetwork`),
+    so the process a sampler drives is `bind(γ)`'s, built from the parameters it samples with
+    (`training.setup.bind_process`). Not a process itself, so nothing samples an unbound VDM by mistake.
+    `gamma_min`, `gamma_max` are γ's initial endpoints and the range the network's time input is scaled by."""
+
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+
+    def bind(self, gamma_fn: GammaFn) -> LearnedVP:
+        """The process of the learned schedule `gamma_fn`."""
+        return LearnedVP.from_gamma(gamma_fn)
+
+    def nominal(self) -> LearnedVP:
+        """The linear schedule between the initial endpoints: a stand-in for checks that trace a sampler before
+        any parameters exist (`training.setup.check_config`), never for sampling a model."""
+        return LearnedVP.from_gamma(lambda t: self.gamma_min + (self.gamma_max - self.gamma_min) * t, num_knots=65)

@@ -68,7 +68,8 @@ def test_process_mismatches_are_one_line_errors(digits_data_dir):
     assert_build_errors([
         (edm({"diffusion.prediction": "eps"}),
          r"^diffusion.prediction: 'eps'; diffusion.process='edm' wraps .* set 'x0'"),
-        (edm({"diffusion.process": "vdm"}), r"^diffusion.process: unknown 'vdm'; choose one of: discrete, edm, flow"),
+        (edm({"diffusion.process": "sde"}),
+         r"^diffusion.process: unknown 'sde'; choose one of: discrete, edm, flow, vdm"),
         (edm({"diffusion.sigma_min": 0.0}),
          r"^diffusion.sigma_min, diffusion.sigma_max: got 0.0, 80.0; need 0 < sigma_min"),
         (edm({"model.learn_sigma": True}),

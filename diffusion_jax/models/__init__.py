@@ -19,6 +19,7 @@ from diffusion_jax.models.first_stage import FirstStage
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.preconditioned import Preconditioned
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.vdm_network import VDMNetwork
 from diffusion_jax.registry import Registry
 
 MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", "model.name")
@@ -54,6 +55,6 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
 
 
 __all__ = [
-    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "Preconditioned", "UNet", "count_params", "create", "dit",
-    "layers", "names",
+    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "Preconditioned", "UNet", "VDMNetwork", "count_params",
+    "create", "dit", "layers", "names",
 ]

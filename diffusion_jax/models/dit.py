@@ -316,6 +316,7 @@ class DiT(nnx.Module):
     Args:
         image_size: height = width of the input; a multiple of `patch_size`.
         in_channels: channels C of the input (4 for the paper's VAE latents).
+        out_channels: channels of the prediction (None: in_channels; VDM's Fourier-feature inputs have more).
         patch_size: p; T = (image_size / p)^2 tokens.
         hidden_size: token width d, a multiple of 4 (for the 2-D sin-cos embedding) and of `num_heads`.
         depth: number of DiT blocks N.
@@ -366,6 +367,7 @@ class DiT(nnx.Module):
         context_dim: int | None = None,
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
+        out_channels: int | None = None,
         rngs: nnx.Rngs,
     ):
         if patch_size < 1 or image_size % patch_size:
@@ -394,7 +396,8 @@ class DiT(nnx.Module):
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        out_channels = in_channels if out_channels is None else out_channels
+        self.out_channels = 2 * out_channels if learn_sigma else out_channels
         self.remat = remat
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")

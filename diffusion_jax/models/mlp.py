@@ -41,6 +41,7 @@ class MLP(nnx.Module):
         depth: number of residual blocks.
         num_classes: enables class conditioning with a null label (index num_classes).
         learn_sigma: also output improved DDPM's variance interpolation, [B, 2D].
+        out_features: the prediction's dimension (None: in_features).
         dropout: dropout rate inside the blocks.
         rngs: parameter initialisation keys; the model keeps no RNG state.
         dtype: computation dtype; parameters stay float32.
@@ -57,13 +58,15 @@ class MLP(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
+        out_features: int | None = None,
     ):
         self.in_features = in_features
         self.cond = ConditionEmbedder(hidden, hidden, num_classes, rngs=rngs, dtype=dtype)
         self.proj_in = linear(in_features, hidden, rngs=rngs, dtype=dtype)
         self.blocks = nnx.List([MLPBlock(hidden, dropout=dropout, rngs=rngs, dtype=dtype) for _ in range(depth)])
         self.norm_out = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
-        out_features = 2 * in_features if learn_sigma else in_features
+        out_features = in_features if out_features is None else out_features
+        out_features = 2 * out_features if learn_sigma else out_features
         self.proj_out = linear(hidden, out_features, zero_init=True, rngs=rngs, dtype=dtype)
 
     def __call__(

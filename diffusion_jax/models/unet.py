@@ -419,7 +419,8 @@ class UNet(Encoder):
 
     Args:
         image_size: height = width of the input.
-        in_channels: channels of the input (and of the prediction).
+        in_channels: channels of the input.
+        out_channels: channels of the prediction (None: in_channels; VDM's Fourier-feature inputs have more).
         ch: base width; level i has ch * ch_mult[i] channels, the time embedding 4 * ch.
         ch_mult: width multipliers, one per resolution level.
         num_res_blocks: ResBlocks per level on the down path (one more on the up path).
@@ -474,6 +475,7 @@ class UNet(Encoder):
         transformer_depth: int = 1,
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
+        out_channels: int | None = None,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
@@ -495,7 +497,8 @@ class UNet(Encoder):
         self.up = nnx.List(up)
 
         self.norm_out = group_norm(cur, rngs=rngs, dtype=dtype)
-        out_channels = 2 * in_channels if learn_sigma else in_channels
+        out_channels = in_channels if out_channels is None else out_channels
+        out_channels = 2 * out_channels if learn_sigma else out_channels
         self.conv_out = _conv3x3(cur, out_channels, zero_init=True, rngs=rngs, dtype=dtype)
 
     def __call__(

@@ -17,13 +17,15 @@ from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
-from diffusion_jax.training.setup import Process, build_model, build_process, check_config
+from diffusion_jax.training.setup import RunProcess, build_model, build_process, check_config
 from diffusion_jax.training.step import make_train_step
 from diffusion_jax.validation import validate_config
 
 
 class Experiment(NamedTuple):
-    schedule: Process  # `diffusion.process`: the discrete schedule, or sde.EDM (`setup.build_process`)
+    # `diffusion.process`: the discrete schedule, sde.EDM, sde.Flow, or a VDM's vdm.LearnedSchedule, which sampling
+    # binds to the γ of the parameters it samples with (`setup.build_process`, `setup.bind_process`)
+    schedule: RunProcess
     example_shape: tuple[int, ...]
     graphdef: nnx.GraphDef
     init_state: Callable[[], state_lib.TrainState]  # jitted: the step-0 state, created sharded

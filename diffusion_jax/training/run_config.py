@@ -27,6 +27,7 @@ CONFIG_FILE = "config.json"
 PROTECTED = (
     "model", "diffusion", "training.objective", "training.ema_decays", "optim.name", "data.name",
     "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor", "distill", "consistency", "flow",
+    "vdm",
 )
 
 Changes = dict[str, tuple[Any, Any]]  # dotted field -> (checkpoint's value, this run's value)

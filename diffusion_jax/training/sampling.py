@@ -5,6 +5,7 @@ and `samples_<step>.npz` holds `arr_0`: uint8 [N, H, W, C] images, the layout th
 ADM (guided-diffusion) evaluator reads, or float32 [N, D] points.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,16 @@ from diffusion_jax import conditioning, distributed, guidance, sde
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.loading import load
-from diffusion_jax.schedules import Schedule
 from diffusion_jax.training import mesh as mesh_lib
-from diffusion_jax.training.setup import model_apply, network_output_fn, sampler_from_config
+from diffusion_jax.training.setup import (
+    Process,
+    RunProcess,
+    bind_process,
+    model_apply,
+    network_output_fn,
+    process_memo,
+    sampler_from_config,
+)
 
 # (params, key) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used)
 SampleFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]
@@ -98,7 +106,7 @@ def _reconstruction_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
 
 def make_sample_fn(
     graphdef: nnx.GraphDef,
-    schedule: Schedule,
+    schedule: RunProcess,
     config: ml_collections.ConfigDict,
     example_shape: tuple[int, ...],
     sharding: NamedSharding,
@@ -116,7 +124,8 @@ def make_sample_fn(
     Algorithm 1, the `cond_fn` mean shift, under the 'ddpm' sampler, and Algorithm 2,
     `guidance.classifier_guided` on the denoiser, under every other sampler. It composes
     with classifier-free guidance. A `training.objective='classify'` run draws no samples:
-    its sample function raises a ConfigError.
+    its sample function raises a ConfigError. A VDM samples on the process of the γ of the parameters it is
+    given (`setup.bind_process`), compiled again only when that γ changed.
     """
     if config.training.get("objective", "denoise") == "classify":
         return _no_samples
@@ -125,7 +134,6 @@ def make_sample_fn(
     learn_sigma = bool(config.model.get("learn_sigma"))
     sampler, options = sampler_from_config(config.sample, learn_sigma)
     output = network_output_fn(learn_sigma, options)
-    prior = sde.as_process(schedule)
     batch_size = config.sample.batch_size  # divisible by the device count: validation.validate_config
     num_classes = config.model.get("num_classes")
     guidance_scale = config.sample.get("guidance_scale")
@@ -155,10 +163,10 @@ def make_sample_fn(
         )
 
     def sample(
-        params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
+        schedule: Process, params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         noise_key, chain_key = jax.random.split(key)
-        x_T = prior.prior_sample(noise_key, (batch_size, *example_shape))  # N(0, I); EDM's N(0, σ_max² I)
+        x_T = sde.as_process(schedule).prior_sample(noise_key, (batch_size, *example_shape))  # EDM: N(0, σ_max² I)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
 
         def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
@@ -191,9 +199,10 @@ def make_sample_fn(
         )
         return x0, info.nfe
 
-    jitted = jax.jit(sample, out_shardings=(sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())))
+    out_shardings = (sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    compiled = process_memo(lambda process: jax.jit(functools.partial(sample, process), out_shardings=out_shardings))
     classifier_params = None if classifier is None else classifier.params
-    return lambda params, key: jitted(params, classifier_params, key)
+    return lambda params, key: compiled(bind_process(schedule, graphdef, params))(params, classifier_params, key)
 
 
 def sample_labels(batch_size: int, num_classes: int, num_samples: int) -> np.ndarray:

@@ -11,19 +11,24 @@ import jax
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import diffusion, models, samplers, schedules, sde, vlb
+from diffusion_jax import diffusion, distributed, models, samplers, schedules, sde, vdm, vlb
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.vdm_network import feature_channels
 from diffusion_jax.schedules import Schedule
 
-PROCESSES = ("discrete", "edm", "flow")  # what `diffusion.process` may train on
-Process = Schedule | sde.EDM | sde.Flow
+PROCESSES = ("discrete", "edm", "flow", "vdm")  # what `diffusion.process` may train on
+Process = Schedule | sde.EDM | sde.Flow | vdm.LearnedVP  # what samplers drive
+RunProcess = Process | vdm.LearnedSchedule  # what a config builds: a VDM's process waits for its parameters
+VDM_DECODERS = ("discrete", "gaussian")
 
 
-def build_process(config: ml_collections.ConfigDict) -> Process:
+def build_process(config: ml_collections.ConfigDict) -> RunProcess:
     """The run's noise process: the discrete schedule `diffusion.schedule` with `num_timesteps` steps
-    ('discrete', model time = timestep index), EDM's x + σ n with model time σ ('edm'), or flow matching's
-    (1 - t) x_0 + t ε with model time t ('flow', `sde.Flow`)."""
+    ('discrete', model time = timestep index), EDM's x + σ n with model time σ ('edm'), flow matching's
+    (1 - t) x_0 + t ε with model time t ('flow', `sde.Flow`), or VDM's learned variance-preserving schedule
+    with model time t ∈ [0, 1] ('vdm': a `vdm.LearnedSchedule`, which `bind_process` turns into the process of
+    the parameters at hand)."""
     d = config.diffusion
     process = d.get("process", "discrete")
     if (d.prediction == "velocity") != (process == "flow"):
@@ -31,9 +36,12 @@ def build_process(config: ml_collections.ConfigDict) -> Process:
                           "velocity ε - x_0 ('velocity') is what diffusion.process='flow' trains, and only it")
     if process == "discrete":
         return schedules.get(d.schedule, d.num_timesteps)
-    if process in ("edm", "flow") and config.model.get("learn_sigma"):
+    if process in ("edm", "flow", "vdm") and config.model.get("learn_sigma"):
+        wrapper = "models.VDMNetwork" if process == "vdm" else "models.Preconditioned"
         raise ConfigError(f"model.learn_sigma: True; diffusion.process={process!r} wraps a network of one output "
-                          "(`models.Preconditioned`), not a learned-variance head")
+                          f"(`{wrapper}`), not a learned-variance head")
+    if process == "vdm":
+        return vdm_schedule(config)
     if process == "flow":
         return sde.Flow()
     if process == "edm":
@@ -45,6 +53,50 @@ def build_process(config: ml_collections.ConfigDict) -> Process:
                               "in EDM's preconditioning, whose output is x̂_0: set 'x0'")
         return sde.EDM(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data)
     raise ConfigError(f"diffusion.process: unknown {process!r}; choose one of: {', '.join(PROCESSES)}")
+
+
+def vdm_schedule(config: ml_collections.ConfigDict) -> vdm.LearnedSchedule:
+    """`diffusion.process='vdm'`'s schedule, its `vdm.*` fields checked."""
+    v, prediction = config.vdm, config.diffusion.prediction
+    if prediction != "eps":
+        raise ConfigError(f"diffusion.prediction: {prediction!r}; diffusion.process='vdm' trains VDM's ε̂(z_t; γ_t) "
+                          "on its continuous VLB: set 'eps'")
+    if not v.gamma_min < v.gamma_max:
+        raise ConfigError(f"vdm.gamma_min, vdm.gamma_max: got {v.gamma_min}, {v.gamma_max}; need gamma_min < gamma_max "
+                          "(VDM's CIFAR-10 schedule starts at -13.3 and ends at 5.0)")
+    if v.decoder not in VDM_DECODERS:
+        raise ConfigError(f"vdm.decoder: unknown {v.decoder!r}; choose one of: {', '.join(VDM_DECODERS)}")
+    if v.decoder == "discrete" and config.latent.get("autoencoder_workdir") is not None:
+        raise ConfigError("vdm.decoder: 'discrete' decodes 8-bit pixels; a latent run's data are continuous "
+                          "latents: set 'gaussian'")
+    if len(v.fourier) not in (0, 2) or (v.fourier and v.fourier[0] > v.fourier[1]):
+        raise ConfigError(f"vdm.fourier: got {tuple(v.fourier)}; give (n_min, n_max) with n_min <= n_max (VDM: (6, 7)) "
+                          "or () for none")
+    return vdm.LearnedSchedule(float(v.gamma_min), float(v.gamma_max))
+
+
+def bind_process(process: RunProcess, graphdef: nnx.GraphDef, params: nnx.State) -> Process:
+    """`process` itself, or for a VDM run the process of `params`' learned γ (`vdm.LearnedVP`, tabulated on the
+    host: in a multi-process run every process must call this with the same parameters)."""
+    if not isinstance(process, vdm.LearnedSchedule):
+        return process
+    gamma_graphdef, gamma_params = nnx.split(nnx.merge(graphdef, params).gamma)
+    return process.bind(nnx.merge(gamma_graphdef, jax.tree.map(jax.numpy.asarray, distributed.fetch(gamma_params))))
+
+
+def process_memo(build: Callable[[Process], Callable]) -> Callable[[Process], Callable]:
+    """`build(process)` kept for the last process it was built for: one compiled program per run, and for a
+    VDM one per γ (rebuilt when training has moved it; equal γ tables give an equal `vdm.LearnedVP`)."""
+    last: dict = {}
+
+    def built(process: Process) -> Callable:
+        key = process if isinstance(process, vdm.LearnedVP) else id(process)
+        if key not in last:
+            last.clear()
+            last[key] = build(process)
+        return last[key]
+
+    return built
 
 
 def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> dict:
@@ -70,7 +122,8 @@ def build_model(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
 ) -> tuple[nnx.GraphDef, Callable[[jax.Array], nnx.State]]:
     """(graphdef, init) of `config.model` for data of `example_shape`; init(key) -> params. Under
-    `diffusion.process='edm'` or 'flow' the model is the backbone in `models.Preconditioned`.
+    `diffusion.process='edm'` or 'flow' the model is the backbone in `models.Preconditioned`, under 'vdm' the
+    backbone (on Fourier features) and the learned γ in `models.VDMNetwork`.
 
     The constructor (and so its config checks) runs on an abstract model
     (`nnx.eval_shape`: nothing allocated or compiled). `init` is one jitted
@@ -79,12 +132,22 @@ def build_model(
     """
     kwargs = model_kwargs(config, example_shape)
 
+    d = config.diffusion
+    process = d.get("process", "discrete")
+    if process == "vdm":  # the backbone reads the Fourier features and predicts the data's channels
+        fourier = tuple(config.vdm.fourier) or None
+        name, size = ("in_channels", "out_channels") if "in_channels" in kwargs else ("in_features", "out_features")
+        kwargs.update({name: feature_channels(kwargs[name], fourier), size: kwargs[name]})
+
     def make(key: jax.Array) -> nnx.Module:
-        model = models.create(config.model.name, rngs=nnx.Rngs(key), **kwargs)
-        d = config.diffusion
-        process = d.get("process", "discrete")
+        rngs = nnx.Rngs(key)
+        model = models.create(config.model.name, rngs=rngs, **kwargs)
         if process == "discrete":
             return model
+        if process == "vdm":
+            v = config.vdm
+            gamma = vdm.MonotonicGamma(v.gamma_min, v.gamma_max, v.gamma_hidden, rngs=rngs)
+            return models.VDMNetwork(model, gamma, v.gamma_min, v.gamma_max, tuple(v.fourier) or None)
         # EDM's D(x; σ), or a flow's velocity at 1000 t (SD3's timestep scale)
         return models.Preconditioned(model, "flow" if process == "flow" else d.preconditioning, d.sigma_data,
                                      d.sigma_min)
@@ -148,7 +211,7 @@ def network_output_fn(learn_sigma: bool, options: dict) -> Callable[[jax.Array],
     return lambda out: out
 
 
-def check_config(config: ml_collections.ConfigDict, schedule: Process, example_shape: tuple[int, ...]) -> None:
+def check_config(config: ml_collections.ConfigDict, schedule: RunProcess, example_shape: tuple[int, ...]) -> None:
     """Validates the fields that a run would otherwise first use late (sampling at step N).
 
     The sampler is traced abstractly (`jax.eval_shape`, nothing compiled) with a
@@ -156,7 +219,7 @@ def check_config(config: ml_collections.ConfigDict, schedule: Process, example_s
     """
     if not isinstance(schedule, Schedule):  # what needs the discrete schedule's T steps
         process = config.diffusion.process
-        if "vlb_bpd" in config.eval.get("metrics", ()):
+        if "vlb_bpd" in config.eval.get("metrics", ()) and process != "vdm":  # VDM's is its continuous VLB
             raise ConfigError(f"eval.metrics: 'vlb_bpd' sums the T terms of a discrete schedule; "
                               f"diffusion.process={process!r} has none (its likelihood is 'ode_bpd')")
         if config.sample.get("classifier_workdir") is not None:
@@ -178,4 +241,6 @@ def check_config(config: ml_collections.ConfigDict, schedule: Process, example_s
         return jax.numpy.concatenate([x_t, x_t], axis=-1) if learned else x_t
 
     key = jax.random.key(0)
+    if isinstance(schedule, vdm.LearnedSchedule):
+        schedule = schedule.nominal()
     jax.eval_shape(lambda x: sampler(identity_model, schedule, key, x, prediction=prediction, **options), x_T)
