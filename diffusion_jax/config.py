@@ -11,9 +11,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
 - `data.captions` (digits only): batches also hold `tokens`/`token_mask`, a caption per image from its label
   and measured thickness and slant (`diffusion_jax.data.captions`).
-- `model`: `name` (unet | mlp | dit | ...) and that model's constructor arguments; the U-Net's and the DiT's
-  conditioning (`diffusion_jax.conditioning`): `num_classes`, `context_dim` (cross-attention to `cond['context']`: every
-  attention block becomes LDM's SpatialTransformer, `transformer_depth` blocks deep), `pooled_dim`, and
+- `model`: `name` (unet | mlp | dit | ...) and that model's constructor arguments; `pretrained` (a PyTorch /
+  diffusers checkpoint the run starts from, imported by `diffusion_jax.convert`; None: the initialiser); the
+  U-Net's and the DiT's conditioning (`diffusion_jax.conditioning`): `num_classes`, `context_dim`
+  (cross-attention to `cond['context']`: every attention block becomes LDM's SpatialTransformer,
+  `transformer_depth` blocks deep), `pooled_dim`, and
   `text_encoder` (a dict of `width`, `depth`, `num_heads`; a transformer over `cond['tokens']` trained jointly,
   whose vocabulary comes from `data.captions`).
 - `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
@@ -137,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
             resblock_updown=False,
             num_classes=placeholder(int),
             learn_sigma=False,
+            pretrained=placeholder(str),
         )
     )
     config.diffusion = ml_collections.ConfigDict(

@@ -360,9 +360,10 @@ def check_same_network(loaded: Any, workdir: str, field: str, config: ml_collect
 
 def network_changes(trained: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> run_config.Changes:
     """How `config.model` differs from a trained run's, less `dropout` (a training regulariser, not part of the
-    function: PD's students use 0)."""
+    function: PD's students use 0) and `pretrained`."""
     changes = run_config.diff(run_config.as_json(trained.model), run_config.as_json(config.model))
     changes.pop("dropout", None)
+    changes.pop("pretrained", None)  # where the weights came from, not what the network computes
     return changes
 
 

@@ -49,23 +49,25 @@ def group_norm(channels: int, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32)
     return nnx.GroupNorm(channels, num_groups=math.gcd(32, channels), dtype=dtype, rngs=rngs)
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
     """Sinusoidal embedding of timesteps, as in ADM's `timestep_embedding`.
 
     emb[:, i] = cos(t * f_i), emb[:, half + i] = sin(t * f_i), with
-    f_i = max_period ** (-i / half) and half = dim // 2 (Vaswani et al. 2017, §3.5;
+    f_i = max_period ** (-i / (half - freq_shift)) and half = dim // 2 (Vaswani et al. 2017, §3.5;
     Ho et al. 2020, Appendix B). An odd `dim` gets a trailing zero column.
 
     Args:
         t: [B] timesteps, integer indices or continuous times; used as given.
         dim: width of the embedding.
         max_period: the longest wavelength, controlling the lowest frequency.
+        freq_shift: 0 as ADM, DiT and Stable Diffusion; 1 as Ho et al.'s TF code (`get_timestep_embedding`
+            divides by half - 1), and so diffusers' `freq_shift=1` of google/ddpm-*.
 
     Returns:
         [B, dim] float32 embedding.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))  # [half]
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)  # [B, 2*half]
     if dim % 2:
@@ -80,14 +82,16 @@ class TimestepEmbedder(nnx.Module):
     emb_dim = 4 * ch.
     """
 
-    def __init__(self, dim: int, emb_dim: int, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
-        self.dim = dim
+    def __init__(
+        self, dim: int, emb_dim: int, *, freq_shift: float = 0.0, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32
+    ):
+        self.dim, self.freq_shift = dim, freq_shift
         self.dense0 = linear(dim, emb_dim, rngs=rngs, dtype=dtype)
         self.dense1 = linear(emb_dim, emb_dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, t: jax.Array) -> jax.Array:
         """[B] timesteps -> [B, emb_dim]."""
-        return self.dense1(nnx.silu(self.dense0(timestep_embedding(t, self.dim))))
+        return self.dense1(nnx.silu(self.dense0(timestep_embedding(t, self.dim, freq_shift=self.freq_shift))))
 
 
 class LabelEmbedder(nnx.Module):
@@ -129,10 +133,11 @@ class ConditionEmbedder(nnx.Module):
         num_classes: int | None,
         *,
         pooled_dim: int | None = None,
+        freq_shift: float = 0.0,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
-        self.time = TimestepEmbedder(dim, emb_dim, rngs=rngs, dtype=dtype)
+        self.time = TimestepEmbedder(dim, emb_dim, freq_shift=freq_shift, rngs=rngs, dtype=dtype)
         self.label = None if num_classes is None else LabelEmbedder(num_classes, emb_dim, rngs=rngs, dtype=dtype)
         self.pooled = None if pooled_dim is None else linear(pooled_dim, emb_dim, rngs=rngs, dtype=dtype)
 

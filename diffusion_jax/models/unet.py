@@ -348,6 +348,7 @@ class Encoder(nnx.Module):
         num_classes: int | None,
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
+        time_freq_shift: float = 0.0,
     ) -> list[int]:
         """Builds the encoder; returns the widths of the activations a decoder concatenates."""
         ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
@@ -359,7 +360,8 @@ class Encoder(nnx.Module):
         )
         if self.text_encoder is not None:
             pooled_dim = self.text_encoder.width  # its pooled output joins the time embedding
-        self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, pooled_dim=pooled_dim, rngs=rngs, dtype=dtype)
+        self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, pooled_dim=pooled_dim,
+                                      freq_shift=time_freq_shift, rngs=rngs, dtype=dtype)
         self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
 
         skip_chans = [ch]  # widths of the activations the up path will concatenate
@@ -421,6 +423,8 @@ class UNet(Encoder):
         image_size: height = width of the input.
         in_channels: channels of the input.
         out_channels: channels of the prediction (None: in_channels; VDM's Fourier-feature inputs have more).
+        time_freq_shift: the timestep embedding's frequency shift (`layers.timestep_embedding`): 0, or 1 for
+            Ho et al.'s own weights (google/ddpm-cifar10-32 imported by `diffusion_jax.convert`).
         ch: base width; level i has ch * ch_mult[i] channels, the time embedding 4 * ch.
         ch_mult: width multipliers, one per resolution level.
         num_res_blocks: ResBlocks per level on the down path (one more on the up path).
@@ -476,6 +480,7 @@ class UNet(Encoder):
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
         out_channels: int | None = None,
+        time_freq_shift: float = 0.0,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
@@ -484,7 +489,7 @@ class UNet(Encoder):
             use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat, context_dim=context_dim,
             transformer_depth=transformer_depth,
         )
-        skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder)
+        skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift)
 
         cur = ch * blocks.ch_mult[-1]
         up = []

@@ -11,7 +11,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import data, latent, loading, objectives, vlb
+from diffusion_jax import convert, data, latent, loading, objectives, vlb
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
@@ -75,10 +76,16 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)
 
-    abstract = jax.eval_shape(create_state, objective.teacher, objective.initial_params)
+    initial_params = objective.initial_params
+    if config.model.get("pretrained") is not None:  # a PyTorch / diffusers checkpoint, imported
+        if initial_params is not None:
+            raise ConfigError(f"model.pretrained: training.objective={config.training.objective!r} starts from its "
+                              "own weights (a teacher's, a previous flow's); leave model.pretrained None")
+        initial_params = convert.import_weights(config, jax.eval_shape(init_params, root_key), example_shape)
+    abstract = jax.eval_shape(create_state, objective.teacher, initial_params)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     teacher = None if objective.teacher is None else jax.device_put(objective.teacher, shardings.teacher)
-    initial = None if objective.initial_params is None else jax.device_put(objective.initial_params, shardings.params)
+    initial = None if initial_params is None else jax.device_put(initial_params, shardings.params)
     exp = Experiment(
         schedule=schedule,
         example_shape=example_shape,

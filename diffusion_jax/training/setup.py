@@ -102,7 +102,7 @@ def process_memo(build: Callable[[Process], Callable]) -> Callable[[Process], Ca
 def model_kwargs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> dict:
     """Constructor arguments: `config.model` (less `name`) plus the data's shape; a `model.text_encoder`
     over digits captions (`data.captions`) gets the captions' vocabulary size and length."""
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    kwargs = {k: v for k, v in config.model.items() if k not in ("name", "pretrained")}
     if kwargs.get("text_encoder") is not None:
         text_encoder = dict(kwargs["text_encoder"])
         if config.data.get("captions"):
