@@ -497,7 +497,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         wanted = config.eval.get("checkpoint_step")
         abstract = exp.abstract_state
         if wanted is None:
-            state = checkpointer.restore(abstract)
+            state = experiment.restore_or_pretrained(config, exp, checkpointer)
         else:
             steps = checkpointer.all_steps()
             if wanted not in steps:

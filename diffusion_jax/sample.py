@@ -16,12 +16,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
     """Draws `sample.num_samples` samples with `sample.sampler` from the newest checkpoint.
 
     Writes `<workdir>/samples/samples_<step>.png` and `.npz`; returns their paths.
-    A workdir with no checkpoint is a `ConfigError` naming --workdir.
+    A workdir with no checkpoint runs `model.pretrained` (step 0), or without one is a `ConfigError`
+    naming --workdir.
     """
     latent.adopt_saved_scale_factor(config, workdir)  # a latent run's, as training computed it
     exp = experiment.build(config)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
-    state = checkpointer.restore(exp.abstract_state)
+    state = experiment.restore_or_pretrained(config, exp, checkpointer)
     step = int(state.step)
     logging.info("Sampling %d with %s from step %d", config.sample.num_samples, config.sample.sampler, step)
     key = jax.random.fold_in(jax.random.fold_in(exp.root_key, 3), step)

@@ -176,3 +176,26 @@ def test_a_wrong_tensor_is_found_at_its_block(ddpm_unet):
     where = first_divergence(model, run, unet_blocks(model, nnx.merge(graphdef, broken)))
     assert where is not None and where.startswith("down_blocks.1.attentions.0: relative error")
     assert first_divergence(model, run, unet_blocks(model, nnx.merge(graphdef, params))) is None
+
+
+def test_the_command_writes_a_workdir_that_loads_and_samples(ddpm_unet, tmp_path):
+    from diffusion_jax.convert.__main__ import write_workdir
+    from diffusion_jax.sample import sample
+
+    _, folder, _, params = ddpm_unet
+    config = unet_config()
+    config.data.name = "cifar10"  # 3 channels; nothing is read from it
+    config.model.time_freq_shift = 0.0  # adopted from the folder's config.json (freq_shift=1)
+    config.sample.update(sampler="ddim", steps=2, num_samples=8, batch_size=8)
+    config.training.batch_size = 8
+    write_workdir(config, folder, tmp_path / "imported")
+    loaded = dj.load(tmp_path / "imported", ema_decay=None)
+    assert loaded.step == 0 and loaded.config.model.time_freq_shift == 1.0 and loaded.config.model.pretrained is None
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded.params, params)))
+    with pytest.raises(ConfigError, match=r"^--out: .* already holds checkpoints"):
+        write_workdir(config, folder, tmp_path / "imported")
+
+    config.model.time_freq_shift = 1.0
+    config.model.pretrained = str(folder)  # an empty workdir: sample mode runs the import as step 0
+    png, _ = sample(config, tmp_path / "fresh")
+    assert png.name == "samples_0.png" and png.exists()

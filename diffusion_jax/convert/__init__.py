@@ -13,23 +13,35 @@ mapping applies follows `model.name` (`FORMATS`): each format module holds the d
 rules (`convert.mapping.Rule`) and, for a diffusers folder, reads our model's fields from its config.json,
 where a value that contradicts this config is a one-line error naming both.
 
-  model.name   checkpoint                         module
-  'unet'       diffusers UNet2DModel (DDPM)        `convert.unet2d`
+  model.name        checkpoint                                   module
+  'unet'            diffusers UNet2DModel (DDPM)                 `convert.unet2d`
+  'autoencoder_kl'  diffusers AutoencoderKL (SD's VAE), into     `convert.autoencoder_kl`
+                    `autoencoder/` (the discriminator: initialised)
+  'dit', 'DiT-*/*'  DiT's reference .pt, or diffusers DiTTransformer2DModel  `convert.dit`
+
+A format module may also name `TARGET`, the subtree of our parameters its rules fill (the rest is drawn by
+the initialiser with a new run's key, `initialised_around`), `source_options(names)`, rule options read
+from the checkpoint's tensor names, `check_source(source)`, checks that read tensors no rule places (run
+before the weights are), and `model_defaults(model_name)`, the fields a config may leave to the model.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import ml_collections
 from absl import logging
 from flax import nnx
 
-from diffusion_jax.convert import mapping, source, unet2d
+from diffusion_jax.convert import autoencoder_kl, dit, mapping, source, unet2d
 from diffusion_jax.errors import ConfigError
 
-FORMATS: dict[str, types.ModuleType] = {"unet": unet2d}  # model.name -> its format module
+# model.name -> its format module
+FORMATS: dict[str, types.ModuleType] = {"unet": unet2d, "autoencoder_kl": autoencoder_kl, "dit": dit}
+FORMATS |= dict.fromkeys(dit.VARIANTS, dit)  # 'DiT-S/2' ... 'DiT-XL/8'
 
 # our model fields a checkpoint's config.json decides, and where the data's shape lives for the rest
 DATA_FIELDS = {"image_size": "data.image_size", "in_channels": "the data's channels"}
@@ -46,35 +58,76 @@ def format_of(config: ml_collections.ConfigDict) -> types.ModuleType:
 def check_against(config: ml_collections.ConfigDict, derived: dict, example_shape: tuple[int, ...]) -> None:
     """A one-line ConfigError where the checkpoint's config.json (as our fields, `derived`) contradicts `config`."""
     have = {"image_size": example_shape[0], "in_channels": example_shape[-1]}
+    defaults = getattr(format_of(config), "model_defaults", lambda name: {})(config.model.name)
     for field, value in derived.items():
         if field in DATA_FIELDS:
             mine, where = have[field], DATA_FIELDS[field]
         else:
-            mine, where = config.model.get(field), f"model.{field}"
+            mine, where = config.model.get(field, defaults.get(field)), f"model.{field}"
         mine = tuple(mine) if isinstance(mine, list | tuple) else mine
         if mine != value and not (field == "num_heads" and derived.get("num_head_channels") is not None):
             raise ConfigError(f"{where}: {mine!r} in this config, but model.pretrained's config.json makes it "
                               f"{value!r}; set it so, or use a checkpoint of this model")
 
 
-def import_weights(
+def importer(
     config: ml_collections.ConfigDict, abstract_params: nnx.State, example_shape: tuple[int, ...],
     path: str | Path | None = None,
-) -> nnx.State:
-    """The parameters of `model.pretrained` (or `path`) in the structure of `abstract_params`, this config's
-    model. Only discrete-time networks are imported (the checkpoints are DDPM-style ε/v networks)."""
+) -> Callable[[], nnx.State]:
+    """Checks `model.pretrained` (or `path`) against this config's model (`abstract_params`) now, from its
+    config.json, tensor names and shapes, without reading a weight; the returned function reads them. Only
+    discrete-time networks are imported (the checkpoints are DDPM-style ε/v networks), and first stages."""
     path = path or config.model.get("pretrained")
-    if config.diffusion.get("process", "discrete") != "discrete":
+    diffusion = config.training.get("objective") != "autoencode"  # a first stage runs no diffusion process
+    if diffusion and config.diffusion.get("process", "discrete") != "discrete":
         raise ConfigError(f"model.pretrained: imports a discrete-time network; diffusion.process is "
                           f"{config.diffusion.process!r}")
     fmt = format_of(config)
     tensors = source.open_source(path)
     if tensors.config is not None:
         check_against(config, fmt.model_config(tensors.config), example_shape)
-    rules = fmt.rules(**fmt.rule_options(tensors.config or {}))
-    params, report = mapping.convert(rules, abstract_params, tensors, ignore=fmt.IGNORED)
-    logging.info("Imported %s: %s", tensors.describe, report.summary())
-    return params
+    options = fmt.rule_options(tensors.config or {})
+    if hasattr(fmt, "source_options"):
+        options |= fmt.source_options(tensors.names)
+    rules = fmt.rules(**options)
+    target = getattr(fmt, "TARGET", None)
+    filled = abstract_params if target is None else abstract_params[target]
+    mapping.plan(rules, filled, tensors, ignore=fmt.IGNORED)
+
+    def read() -> nnx.State:
+        if hasattr(fmt, "check_source"):
+            fmt.check_source(tensors)
+        params, report = mapping.convert(rules, filled, tensors, ignore=fmt.IGNORED)
+        logging.info("Imported %s: %s", tensors.describe, report.summary())
+        return params if target is None else initialised_around(config, example_shape, abstract_params, target, params)
+
+    return read
+
+
+def initialised_around(
+    config: ml_collections.ConfigDict, example_shape: tuple[int, ...], abstract_params: nnx.State, target: str,
+    imported: nnx.State,
+) -> nnx.State:
+    """`abstract_params` with `imported` as its `target` subtree and the rest as a new run draws it (the
+    initialiser at fold_in(key(seed), 0), `training.experiment`'s key): what no checkpoint holds, such as a first
+    stage's discriminator, starts as it would without the import. Only the rest is computed."""
+    from diffusion_jax.training.setup import build_model  # training imports this package
+
+    _, init = build_model(config, example_shape)
+    prefix = f"{target}/"
+    rest = jax.jit(lambda key: {p: v for p, v in mapping.param_paths(init(key)).items() if not p.startswith(prefix)})(
+        jax.random.fold_in(jax.random.key(config.seed), 0))
+    values = rest | {prefix + p: v for p, v in mapping.param_paths(imported).items()}
+    leaves = [values[p] for p in mapping.param_paths(abstract_params)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+
+
+def import_weights(
+    config: ml_collections.ConfigDict, abstract_params: nnx.State, example_shape: tuple[int, ...],
+    path: str | Path | None = None,
+) -> nnx.State:
+    """The parameters of `model.pretrained` (or `path`) in the structure of `abstract_params` (`importer`)."""
+    return importer(config, abstract_params, example_shape, path)()
 
 
 def config_overrides(path: str | Path, config: ml_collections.ConfigDict) -> dict:
@@ -88,5 +141,5 @@ def config_overrides_of(derived: dict) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in derived.items() if k not in DATA_FIELDS}
 
 
-__all__ = ["FORMATS", "check_against", "config_overrides", "config_overrides_of", "format_of", "import_weights",
-           "mapping", "source", "unet2d"]
+__all__ = ["FORMATS", "autoencoder_kl", "check_against", "config_overrides", "config_overrides_of", "dit", "format_of",
+           "import_weights", "importer", "initialised_around", "mapping", "source", "unet2d"]

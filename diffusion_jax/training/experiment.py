@@ -1,13 +1,13 @@
 """Everything a run is built from, shared by the train and sample modes."""
 
-import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -76,21 +76,28 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)
 
-    initial_params = objective.initial_params
-    if config.model.get("pretrained") is not None:  # a PyTorch / diffusers checkpoint, imported
-        if initial_params is not None:
+    read_pretrained = None
+    if config.model.get("pretrained") is not None:  # a PyTorch / diffusers checkpoint: checked now, read at init
+        if objective.initial_params is not None:
             raise ConfigError(f"model.pretrained: training.objective={config.training.objective!r} starts from its "
                               "own weights (a teacher's, a previous flow's); leave model.pretrained None")
-        initial_params = convert.import_weights(config, jax.eval_shape(init_params, root_key), example_shape)
-    abstract = jax.eval_shape(create_state, objective.teacher, initial_params)
+        read_pretrained = convert.importer(config, jax.eval_shape(init_params, root_key), example_shape)
+    abstract = jax.eval_shape(create_state, objective.teacher, objective.initial_params)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     teacher = None if objective.teacher is None else jax.device_put(objective.teacher, shardings.teacher)
-    initial = None if initial_params is None else jax.device_put(initial_params, shardings.params)
+    initial = None if objective.initial_params is None else jax.device_put(objective.initial_params, shardings.params)
+    jitted_create = jax.jit(create_state, out_shardings=shardings)
+
+    def init_state() -> state_lib.TrainState:
+        """The state at step 0: from the initialiser, the objective's starting point or `model.pretrained`."""
+        start = initial if read_pretrained is None else jax.device_put(read_pretrained(), shardings.params)
+        return jitted_create(teacher, start)
+
     exp = Experiment(
         schedule=schedule,
         example_shape=example_shape,
         graphdef=graphdef,
-        init_state=functools.partial(jax.jit(create_state, out_shardings=shardings), teacher, initial),
+        init_state=init_state,
         abstract_state=jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         ),
@@ -133,6 +140,19 @@ def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callab
 def ema_index(config: ml_collections.ConfigDict) -> int | None:
     """Which of `training.ema_decays` samples are drawn with (`sample.ema_decay`; None: raw params)."""
     return loading.ema_index(config, config.sample.ema_decay)
+
+
+def restore_or_pretrained(
+    config: ml_collections.ConfigDict, exp: Experiment, checkpointer: Any
+) -> state_lib.TrainState:
+    """The newest checkpoint of `checkpointer` (sample and eval mode); a workdir without one runs the
+    `model.pretrained` weights as step 0, else it is a ConfigError naming --workdir."""
+    state = checkpointer.restore_or_none(exp.abstract_state)
+    if state is None and config.model.get("pretrained") is not None:
+        logging.info("No checkpoint in %s: running model.pretrained=%s", checkpointer.directory,
+                     config.model.pretrained)
+        return exp.init_state()
+    return checkpointer.restore(exp.abstract_state) if state is None else state
 
 
 def sampling_params(config: ml_collections.ConfigDict, state: state_lib.TrainState) -> nnx.State:
