@@ -6,15 +6,13 @@ installed and skips otherwise.
 """
 
 import collections
-import io
 import pickle
-import struct
-import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import fid, inception, stats
@@ -89,98 +87,26 @@ def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing torch.save files without torch: protocol-2 pickles whose tensors reduce to
-# torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks)
-# and whose storages are persistent ids (torch/serialization.py, `_save` and `_legacy_save`).
+# torch.save files, in both of its formats; the strided fc.weight (stored transposed) and a running_var that
+# views running_mean's storage at an offset exercise the reader's handling of storages.
 
 
-class _Global:
-    """A module-level name, pickled as a GLOBAL opcode without importing its module."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle's save_reduce insists that the reducer be callable
-        raise TypeError(f"{self.module}.{self.name} is a pickling placeholder")
-
-
-class _Storage:
-    def __init__(self, key: str, data: np.ndarray):
-        self.key, self.data = key, data  # data: 1-D, the storage's elements
-
-
-class _Tensor:
-    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
-        self.args = (storage, offset, size, stride)
-
-    def __reduce__(self):
-        return _Global("torch._utils", "_rebuild_tensor_v2"), (*self.args, False, collections.OrderedDict())
-
-
-_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
-
-
-class _TorchPickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table can be extended
-    dispatch = pickle._Pickler.dispatch.copy()
-    dispatch[_Global] = lambda self, g: self.write(pickle.GLOBAL + f"{g.module}\n{g.name}\n".encode())
-
-    def __init__(self, file: io.BytesIO, legacy: bool):
-        super().__init__(file, protocol=2)
-        self.legacy = legacy
-
-    def persistent_id(self, obj):
-        if not isinstance(obj, _Storage):
-            return None
-        pid = ("storage", _Global("torch", _STORAGE_NAMES[obj.data.dtype]), obj.key, "cpu", obj.data.size)
-        return pid + (None,) if self.legacy else pid  # legacy ids end with view metadata
-
-
-def _to_tensors(state_dict: dict[str, np.ndarray]) -> tuple[collections.OrderedDict, list[_Storage]]:
-    """One storage per tensor, except: fc.weight is stored transposed (strides (1, 1008)) and
-    Conv2d_1a_3x3.bn.running_var shares the storage of running_mean at offset 32."""
-    tensors, storages = collections.OrderedDict(), []
-    for name, array in state_dict.items():
-        if name == "fc.weight":
-            storage = _Storage(str(len(storages)), np.ascontiguousarray(array.T).ravel())
-            tensors[name] = _Tensor(storage, 0, array.shape, (1, array.shape[0]))
-        elif name == "Conv2d_1a_3x3.bn.running_var":
-            storage = tensors["Conv2d_1a_3x3.bn.running_mean"].args[0]
-            storage.data = np.concatenate([storage.data, array])
-            tensors[name] = _Tensor(storage, 32, array.shape, (1,))
-            continue
-        else:
-            storage = _Storage(str(len(storages)), array.ravel())
-            tensors[name] = _Tensor(storage, 0, array.shape, tuple(s // array.itemsize for s in array.strides))
-        storages.append(storage)
-    return tensors, storages
+def _torch_state_dict(state_dict: dict[str, np.ndarray]) -> collections.OrderedDict:
+    tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
+    tensors["fc.weight"] = torch.from_numpy(np.ascontiguousarray(state_dict["fc.weight"].T)).t()
+    shared = torch.cat([tensors["Conv2d_1a_3x3.bn.running_mean"], tensors["Conv2d_1a_3x3.bn.running_var"]])
+    tensors["Conv2d_1a_3x3.bn.running_mean"], tensors["Conv2d_1a_3x3.bn.running_var"] = shared[:32], shared[32:]
+    return tensors
 
 
 def write_torch_zip(path, state_dict: dict[str, np.ndarray]) -> None:
-    """torch >= 1.6's format: archive/data.pkl, archive/data/<key>, archive/byteorder, archive/version."""
-    tensors, storages = _to_tensors(state_dict)
-    buffer = io.BytesIO()
-    _TorchPickler(buffer, legacy=False).dump(tensors)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/byteorder", "little")
-        for storage in storages:
-            archive.writestr(f"archive/data/{storage.key}", storage.data.tobytes())
-        archive.writestr("archive/version", "3\n")
+    """torch >= 1.6's format (a zip archive)."""
+    torch.save(_torch_state_dict(state_dict), path)
 
 
 def write_torch_legacy(path, state_dict: dict[str, np.ndarray]) -> None:
-    """torch < 1.6's format: magic, protocol, sys info, the object, storage keys, then per storage
-    an int64 element count and its little-endian bytes."""
-    tensors, storages = _to_tensors(state_dict)
-    buffer = io.BytesIO()
-    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
-    for header in (0x1950A86A20F9469CFC6C, 1001, sys_info):
-        pickle.dump(header, buffer, protocol=2)
-    _TorchPickler(buffer, legacy=True).dump(tensors)
-    pickle.dump([s.key for s in storages], buffer, protocol=2)
-    for storage in storages:
-        buffer.write(struct.pack("<q", storage.data.size) + storage.data.tobytes())
-    path.write_bytes(buffer.getvalue())
+    """torch < 1.6's single-stream format, which pytorch-fid's pt_inception-2015-12-05 file uses."""
+    torch.save(_torch_state_dict(state_dict), path, _use_new_zipfile_serialization=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +230,6 @@ def test_input_errors(extractor, model):
 def test_pth_loader_layouts(tmp_path, state_dict, writer):
     path = tmp_path / "pt_inception.pth"
     writer(path, state_dict)
-    loaded = inception.load_torch_state_dict(path)
-    assert set(loaded) == set(state_dict)
-    for key, value in state_dict.items():  # incl. the strided fc.weight and the offset running_var
-        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
     net = inception.load_inception(path)
     leaf = {"weight": "kernel", "bias": "bias", "running_mean": "mean", "running_var": "var"}
     for key, value in state_dict.items():  # every parameter lands in its place, transposed to HWIO / [in, out]
@@ -339,18 +261,21 @@ def test_pth_loader_errors(tmp_path, state_dict):
     missing = dict(state_dict)
     del missing["Mixed_6c.branch7x7dbl_3.bn.running_var"]
     write_torch_zip(tmp_path / "missing.pth", missing)
-    with pytest.raises(ConfigError, match=r"missing.pth.*missing keys 1 \(Mixed_6c.branch7x7dbl_3.bn.running_var\)"):
+    with pytest.raises(ConfigError, match=r"^eval.inception_weights: PyTorch file .*missing.pth lacks 1 tensors the "
+                                          r"model needs: Mixed_6c.branch7x7dbl_3.bn.running_var"):
         inception.load_inception(tmp_path / "missing.pth")
 
     wrong = dict(state_dict, **{"Mixed_7a.branch3x3_2.conv.weight": np.zeros((320, 192, 3, 1), np.float32)})
     write_torch_legacy(tmp_path / "wrong.pth", wrong)
-    with pytest.raises(ConfigError, match=r"'Mixed_7a.branch3x3_2.conv.weight' has shape \(320, 192, 3, 1\), "
-                                          r"expected \(320, 192, 3, 3\)"):
+    with pytest.raises(ConfigError, match=r"^eval.inception_weights: Mixed_7a/branch3x3_2/conv/kernel has shape "
+                                          r"\(3, 3, 192, 320\) here, but Mixed_7a.branch3x3_2.conv.weight "
+                                          r"\(320, 192, 3, 1\) makes \(3, 1, 192, 320\)"):
         inception.load_inception(tmp_path / "wrong.pth")
 
     extra = dict(state_dict, **{"AuxLogits.fc.bias": np.zeros(1008, np.float32)})
     write_torch_zip(tmp_path / "extra.pth", extra)
-    with pytest.raises(ConfigError, match=r"unexpected keys 1 \(AuxLogits.fc.bias\)"):
+    with pytest.raises(ConfigError, match=r"^eval.inception_weights: 1 tensors of .* are used by no rule.*"
+                                          r"AuxLogits.fc.bias"):
         inception.load_inception(tmp_path / "extra.pth")
 
     class RunsCode:
@@ -358,7 +283,8 @@ def test_pth_loader_errors(tmp_path, state_dict):
             return (print, ("pwned",))
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": RunsCode()}, protocol=2))
-    with pytest.raises(ConfigError, match=r"refusing to load global (__builtin__|builtins)\.print"):
+    with pytest.raises(ConfigError, match=r"^eval.inception_weights: .*evil.pth could not be read with "
+                                          r"torch.load\(weights_only=True\): UnpicklingError"):
         inception.load_inception(tmp_path / "evil.pth")
 
     with pytest.raises(ConfigError, match="not found. Nothing is downloaded.*pt_inception-2015-12-05"):
@@ -398,7 +324,6 @@ def test_reference_stats_from_batches(extractor):
 
 def test_matches_pytorch_fid(tmp_path, monkeypatch):
     """pytorch-fid's network (random weights, random BN statistics) against ours at 299x299."""
-    torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     fid_inception = pytest.importorskip("pytorch_fid.inception")
     # fid_inception_v3() downloads and loads the FID weights: keep only its architecture
@@ -418,11 +343,6 @@ def test_matches_pytorch_fid(tmp_path, monkeypatch):
         net.fc.weight.normal_(0.0, 2048**-0.5)
         net.fc.bias.normal_(0.0, 0.1)
     torch.save(net.state_dict(), tmp_path / "zip.pth")
-    torch.save(net.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    zip_sd, legacy_sd = (inception.load_torch_state_dict(tmp_path / n) for n in ("zip.pth", "legacy.pth"))
-    for key, value in net.state_dict().items():
-        np.testing.assert_array_equal(zip_sd[key], value.numpy(), err_msg=key)
-        np.testing.assert_array_equal(legacy_sd[key], value.numpy(), err_msg=key)
 
     images = _images(3, seed=6)
     # pytorch-fid's InceptionV3.forward: uint8 / 255, bilinear resize to 299, 2x - 1

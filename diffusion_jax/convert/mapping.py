@@ -54,11 +54,12 @@ class Rule:
 
 
 def _fill(template: str, groups: Sequence[str]) -> str:
-    """'a.{0}.b.{1-1}' with groups ('3', '2') -> 'a.3.b.1'."""
+    """'a.{0}.b.{1-1}' with groups ('3', '2') -> 'a.3.b.1'; a group's '/' (our path separator) becomes '.'
+    (PyTorch's): '{0}.conv.weight' with 'Mixed_5b/branch1x1' -> 'Mixed_5b.branch1x1.conv.weight'."""
 
     def field(m: re.Match) -> str:
         index, shift = int(m.group(1)), int(m.group(2) or 0)
-        return str(int(groups[index]) + shift) if shift else groups[index]
+        return str(int(groups[index]) + shift) if shift else groups[index].replace("/", ".")
 
     return re.sub(r"\{(\d+)([+-]\d+)?\}", field, template)
 
@@ -96,11 +97,12 @@ LAYOUT_SHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {  # ea
 
 
 def plan(
-    rules: Sequence[Rule], target: nnx.State, source: TensorSource, ignore: Sequence[str] = ()
+    rules: Sequence[Rule], target: nnx.State, source: TensorSource, ignore: Sequence[str] = (),
+    field: str = "model.pretrained",
 ) -> tuple[dict[str, tuple[Rule, tuple[str, ...]]], list[str]]:
     """({our path: (rule, source names)}, source names ignored), checked from names and shapes alone (nothing
     is read): a ConfigError for unmatched parameters, missing or unused source tensors (`ignore`: regexes of
-    source names that may stay unused, e.g. buffers) and shape mismatches."""
+    source names that may stay unused, e.g. buffers) and shape mismatches, each naming `field`."""
     paths = param_paths(target)
     planned: dict[str, tuple[Rule, tuple[str, ...]]] = {}
     unmatched = []
@@ -113,25 +115,25 @@ def plan(
         else:
             unmatched.append(path)
     if unmatched:
-        raise ConfigError(f"model.pretrained: no conversion rule for {len(unmatched)} of our parameters: "
+        raise ConfigError(f"{field}: no conversion rule for {len(unmatched)} of our parameters: "
                           f"{_listing(unmatched)}")
     wanted = {name for _, names in planned.values() for name in names}
     missing = sorted(wanted - set(source.names))
     if missing:
-        raise ConfigError(f"model.pretrained: {source.describe} lacks {len(missing)} tensors the model needs: "
+        raise ConfigError(f"{field}: {source.describe} lacks {len(missing)} tensors the model needs: "
                           f"{_listing(missing)}")
     unused = [n for n in source.names if n not in wanted]
     ignored = [n for n in unused if any(re.fullmatch(p, n) for p in ignore)]
     left = [n for n in unused if n not in ignored]
     if left:
-        raise ConfigError(f"model.pretrained: {len(left)} tensors of {source.describe} are used by no rule (a model "
+        raise ConfigError(f"{field}: {len(left)} tensors of {source.describe} are used by no rule (a model "
                           f"configured differently?): {_listing(left)}")
     for path, (rule, names) in planned.items():
         shapes = [LAYOUT_SHAPES[rule.layout](tuple(source.shape(n))) for n in names]
         shape = shapes[0] if len(shapes) == 1 else (*shapes[0][:-1], sum(s[-1] for s in shapes))
         if tuple(shape) != tuple(paths[path].shape):
             given = ", ".join(f"{n} {tuple(source.shape(n))}" for n in names)
-            raise ConfigError(f"model.pretrained: {path} has shape {tuple(paths[path].shape)} here, but {given} "
+            raise ConfigError(f"{field}: {path} has shape {tuple(paths[path].shape)} here, but {given} "
                               f"makes {tuple(shape)} ({rule.layout})")
     return planned, ignored
 
@@ -142,7 +144,7 @@ def _listing(names: Sequence[str], shown: int = 8) -> str:
 
 def convert(
     rules: Sequence[Rule], target: nnx.State, source: TensorSource, ignore: Sequence[str] = (),
-    put: Callable[[str, np.ndarray, jax.ShapeDtypeStruct], jax.Array] | None = None,
+    put: Callable[[str, np.ndarray, jax.ShapeDtypeStruct], jax.Array] | None = None, field: str = "model.pretrained",
 ) -> tuple[nnx.State, Report]:
     """`target`'s structure (abstract leaves are fine) filled from `source` by `rules`: (params, report).
 
@@ -151,7 +153,7 @@ def convert(
     the next is read, so the host holds the parameters made so far and one source tensor.
     """
     put = put or (lambda path, array, leaf: jax.numpy.asarray(array, leaf.dtype))
-    planned, ignored = plan(rules, target, source, ignore)
+    planned, ignored = plan(rules, target, source, ignore, field)
     values = {}
     for path, leaf in param_paths(target).items():
         rule, names = planned[path]

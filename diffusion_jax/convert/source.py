@@ -16,6 +16,7 @@ Tensors are read when asked for (`get`), so converting holds the model being bui
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,8 @@ def _torch_file(path: Path, field: str) -> TensorSource:
     except ImportError:
         raise ConfigError(f"{field}: {path.name} is a PyTorch pickle; reading one needs torch "
                           "(pip install 'diffusion_jax[torch]'), or convert it to .safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-mapped where the format allows (torch >= 1.6's zip archive), so tensors are read when used
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001  torch's restricted unpickler refused it, or the file is damaged
         raise ConfigError(f"{field}: {path} could not be read with torch.load(weights_only=True): "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

@@ -17,33 +17,29 @@ use) and the 1008 logits of the fc layer (what the Inception Score uses).
 
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (the TF weights ported to PyTorch;
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth),
-which the user downloads; nothing here downloads. It is read without PyTorch by a restricted
-unpickler that understands both of `torch.save`'s formats (the zip archive of torch >= 1.6 and the
-older single-stream format that files saved before mid-2020 use) and builds only NumPy arrays.
-Convert once and keep an `.npz`::
+which the user downloads; nothing here downloads. It is a pickle, so it is read only through
+`torch.load(weights_only=True)` (torch's restricted unpickler; `diffusion_jax.convert.source`) and mapped by
+the weight importer's rules (`diffusion_jax.convert.inception`). Convert once and keep an `.npz`, which then
+needs no torch::
 
     save_params(load_inception("pt_inception-2015-12-05-6726825d.pth"), "fid_inception.npz")
     features = InceptionFeatures("fid_inception.npz")
     pool, logits = features(images_uint8)          # [N, 2048], [N, 1008]
 """
 
-import collections
 import functools
-import io
 import os
-import pickle
-import struct
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.convert import inception as convert_inception
+from diffusion_jax.convert import mapping
+from diffusion_jax.convert.source import TensorSource, open_source
 from diffusion_jax.errors import ConfigError
 
 FID_WEIGHTS_URL = (
@@ -296,10 +292,7 @@ def preprocess(images: jax.Array, image_size: int = FID_IMAGE_SIZE) -> jax.Array
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter names: the flat path of each nnx.Param <-> pytorch-fid's state-dict name and layout.
-
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-_IGNORED_TORCH_SUFFIX = ".num_batches_tracked"  # BatchNorm's training-step counter: unused at inference
+# Parameters: flat names for the .npz format; pytorch-fid's state dict through `diffusion_jax.convert`.
 
 
 def _abstract_model() -> FIDInceptionV3:
@@ -321,25 +314,6 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
 def flat_params(model: FIDInceptionV3) -> dict[str, np.ndarray]:
     """The network's parameters as flat name -> NumPy array, in our layout (HWIO kernels)."""
     return {".".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def _torch_name(name: str) -> str:
-    """'X.conv.kernel' -> 'X.conv.weight', 'X.bn.scale' -> 'X.bn.weight', 'X.bn.mean' -> 'X.bn.running_mean', ..."""
-    prefix, leaf = name.rsplit(".", 1)
-    return f"{prefix}.{_TORCH_LEAF[leaf]}"
-
-
-def _torch_shape(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
-    """Our shape -> PyTorch's: HWIO -> OIHW for conv kernels, [in, out] -> [out, in] for the fc kernel."""
-    if not name.endswith(".kernel"):
-        return shape
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
-
-
-def _from_torch_layout(name: str, array: np.ndarray) -> np.ndarray:
-    if not name.endswith(".kernel"):
-        return array
-    return np.transpose(array, (2, 3, 1, 0)) if array.ndim == 4 else array.T
 
 
 def _listing(names: list[str]) -> str:
@@ -366,28 +340,21 @@ def model_from_params(params: dict[str, np.ndarray], source: str = "params") -> 
     return model
 
 
-def model_from_torch_state_dict(state_dict: dict[str, np.ndarray], source: str = "state dict") -> FIDInceptionV3:
-    """The network from pytorch-fid's state dict (torchvision names, OIHW kernels, [out, in] fc).
+def model_from_tensors(tensors: TensorSource, field: str = "eval.inception_weights") -> FIDInceptionV3:
+    """The network from pytorch-fid's state dict (torchvision names, OIHW kernels, [out, in] fc), mapped by
+    `convert.inception`: every tensor used (BatchNorm's `num_batches_tracked` ignored) and every shape checked,
+    errors one line naming `field`."""
+    model = _abstract_model()
+    params, _ = mapping.convert(convert_inception.RULES, nnx.state(model, nnx.Param), tensors,
+                                ignore=convert_inception.IGNORED, field=field)
+    nnx.update(model, params)
+    return model
 
-    Every key is used and every shape checked; BatchNorm's `num_batches_tracked` counters are
-    accepted and ignored. Errors name `source` and the key.
-    """
-    ours_by_torch = {_torch_name(name): name for name in _param_shapes()}
-    unexpected = sorted(k for k in state_dict if k not in ours_by_torch and not k.endswith(_IGNORED_TORCH_SUFFIX))
-    missing = sorted(k for k in ours_by_torch if k not in state_dict)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{source}: not pytorch-fid's FID Inception-v3 state dict: missing keys {_listing(missing)}, "
-            f"unexpected keys {_listing(unexpected)}"
-        )
-    params = {}
-    for key, name in ours_by_torch.items():
-        value = np.asarray(state_dict[key])
-        expected = _torch_shape(_param_shapes()[name], name)
-        if value.shape != expected:
-            raise ConfigError(f"{source}: {key!r} has shape {value.shape}, expected {expected}")
-        params[name] = _from_torch_layout(name, value)
-    return model_from_params(params, source)
+
+def model_from_torch_state_dict(state_dict: dict[str, np.ndarray], source: str = "state dict") -> FIDInceptionV3:
+    """`model_from_tensors` of a state dict already in memory (name -> NumPy array)."""
+    shapes = {name: tuple(np.shape(value)) for name, value in state_dict.items()}
+    return model_from_tensors(TensorSource(shapes, lambda name: state_dict[name], source))
 
 
 def save_params(model: FIDInceptionV3, path: str | os.PathLike) -> None:
@@ -396,203 +363,20 @@ def save_params(model: FIDInceptionV3, path: str | os.PathLike) -> None:
 
 
 def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
-    """The FID Inception-v3 with weights from an `.npz` written by `save_params` or from pytorch-fid's
-    `.pth` (any other suffix). Raises ConfigError naming the file (and key) when the file is missing
-    or does not hold exactly this network's parameters."""
+    """The FID Inception-v3 with weights from an `.npz` written by `save_params`, or from pytorch-fid's `.pth`
+    (read only through `torch.load(weights_only=True)`, so torch must be installed: `diffusion_jax[torch]`) or a
+    `.safetensors` of its state dict (`diffusion_jax.convert.source`). Raises ConfigError naming
+    `eval.inception_weights` when the file is missing or does not hold exactly this network's parameters."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"Inception weights {str(path)!r} not found. Nothing is downloaded automatically: fetch "
+            f"eval.inception_weights: {str(path)!r} not found. Nothing is downloaded automatically: fetch "
             f"{FID_WEIGHTS_URL} (or convert it once to .npz with save_params) and pass its path."
         )
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             return model_from_params({name: f[name] for name in f.files}, str(path))
-    return model_from_torch_state_dict(load_torch_state_dict(path), str(path))
-
-
-# --------------------------------------------------------------------------------------------
-# Reading torch.save files without PyTorch (torch/serialization.py: `_load` for the zip archive,
-# `_legacy_load` for the older stream). Only tensors, (ordered) dicts and plain values come out.
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
-_LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
-
-
-class _StorageType(NamedTuple):
-    """What `torch.FloatStorage` etc. unpickle to: the element type."""
-
-    dtype: np.dtype
-
-
-class _StorageRef(NamedTuple):
-    """A storage in the file: `numel` elements of `dtype` at element `offset` of root storage `key`."""
-
-    key: str
-    dtype: np.dtype
-    offset: int
-    numel: int
-
-
-class _TensorRef(NamedTuple):
-    """`torch._utils._rebuild_tensor_v2`'s arguments, resolved into an array once the storages are read."""
-
-    storage: _StorageRef
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-def _rebuild_tensor_v2(
-    storage: _StorageRef,
-    offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool = False,
-    backward_hooks: object = None,
-    metadata: object = None,
-) -> _TensorRef:
-    if not isinstance(storage, _StorageRef):
-        raise pickle.UnpicklingError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals a state dict needs; anything else (code to run) is refused."""
-
-    def __init__(self, file: io.BytesIO, storage: Callable[[tuple], _StorageRef]):
-        super().__init__(file)
-        self._storage = storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor_v2
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only tensors and dicts are allowed")
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
-        if not isinstance(pid[1], _StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {pid[1]!r:.80}")
-        return self._storage(pid[1:])
-
-
-def _resolve(obj: Any, roots: dict[str, np.ndarray]) -> Any:
-    """Replaces every _TensorRef inside dicts/lists/tuples by a NumPy array copied out of its root storage."""
-    if isinstance(obj, _TensorRef):
-        ref = obj.storage
-        flat = roots[ref.key][ref.offset : ref.offset + ref.numel]
-        if any(n == 0 for n in obj.size):
-            return np.zeros(obj.size, ref.dtype)
-        last = obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride, strict=True))
-        if obj.offset < 0 or min(obj.stride, default=0) < 0 or last >= len(flat):
-            raise pickle.UnpicklingError(f"tensor of size {obj.size} runs past its storage of {len(flat)} elements")
-        strides = tuple(s * flat.itemsize for s in obj.stride)
-        return np.lib.stride_tricks.as_strided(flat[obj.offset :], obj.size, strides).copy()
-    if isinstance(obj, dict):
-        return {k: _resolve(v, roots) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_resolve(v, roots) for v in obj)
-    return obj
-
-
-def _load_zip(path: Path) -> Any:
-    """torch >= 1.6: a zip with `<archive>/data.pkl` (protocol-2 pickle whose persistent ids are
-    ('storage', type, key, location, numel)) and each storage's raw bytes in `<archive>/data/<key>`."""
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
-        if len(pickles) != 1:
-            raise pickle.UnpicklingError(f"expected one data.pkl in the archive, found {pickles}")
-        prefix = pickles[0][: -len("data.pkl")]
-        order = archive.read(f"{prefix}byteorder").decode() if f"{prefix}byteorder" in archive.namelist() else "little"
-        storages: dict[str, _StorageRef] = {}
-
-        def storage(args: tuple) -> _StorageRef:
-            storage_type, key, _location, numel = args
-            ref = _StorageRef(str(key), storage_type.dtype, 0, int(numel))
-            storages[ref.key] = ref
-            return ref
-
-        obj = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), storage).load()
-        roots = {}
-        for key, ref in storages.items():
-            dtype = ref.dtype.newbyteorder("<" if order == "little" else ">")
-            data = np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype).astype(ref.dtype)
-            if data.size != ref.numel:
-                raise pickle.UnpicklingError(f"storage {key}: {data.size} elements, expected {ref.numel}")
-            roots[key] = data
-    return _resolve(obj, roots)
-
-
-def _no_storage(args: tuple) -> _StorageRef:
-    raise pickle.UnpicklingError("unexpected tensor data in a torch.save header")
-
-
-def _load_legacy(path: Path) -> Any:
-    """torch < 1.6 (and `_use_new_zipfile_serialization=False`): pickles of the magic number, the
-    protocol version and system info, then the object (persistent ids ('storage', type, key,
-    location, numel, view)), then the list of storage keys, then per key an int64 element count
-    and the little-endian bytes."""
-    stream = io.BytesIO(path.read_bytes())
-    if _RestrictedUnpickler(stream, _no_storage).load() != _LEGACY_MAGIC:
-        raise pickle.UnpicklingError("not a torch.save file (wrong magic number)")
-    if (protocol := _RestrictedUnpickler(stream, _no_storage).load()) != _LEGACY_PROTOCOL:
-        raise pickle.UnpicklingError(f"unsupported torch.save protocol version {protocol}")
-    _RestrictedUnpickler(stream, _no_storage).load()  # sys info: endianness and type sizes of the writer
-    roots_meta: dict[str, tuple[np.dtype, int]] = {}
-
-    def storage(args: tuple) -> _StorageRef:
-        storage_type, key, _location, numel, view = args
-        roots_meta[str(key)] = (storage_type.dtype, int(numel))
-        if view is None:
-            return _StorageRef(str(key), storage_type.dtype, 0, int(numel))
-        _view_key, offset, view_numel = view
-        return _StorageRef(str(key), storage_type.dtype, int(offset), int(view_numel))
-
-    obj = _RestrictedUnpickler(stream, storage).load()
-    keys = _RestrictedUnpickler(stream, _no_storage).load()
-    roots = {}
-    for key in keys:
-        dtype, numel = roots_meta[str(key)]
-        (count,) = struct.unpack("<q", stream.read(8))
-        data = np.frombuffer(stream.read(count * dtype.itemsize), dtype.newbyteorder("<"))
-        if count != numel or data.size != numel:
-            raise pickle.UnpicklingError(f"storage {key}: {data.size} elements, expected {numel}")
-        roots[str(key)] = data.astype(dtype)
-    return _resolve(obj, roots)
-
-
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A `torch.save`d state dict (zip or legacy format) as name -> NumPy array, without PyTorch.
-
-    The unpickler resolves only `torch._utils._rebuild_tensor_v2`, the `torch.*Storage` types and
-    `collections.OrderedDict`, so a file cannot run code (like `torch.load(weights_only=True)`).
-    Raises ConfigError naming the file when it is not such a state dict.
-    """
-    path = Path(path)
-    try:
-        obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError, struct.error) as e:
-        raise ConfigError(f"{path}: cannot read as a PyTorch state dict saved by torch.save: {e}") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise ConfigError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    return dict(obj)
+    return model_from_tensors(open_source(path, field="eval.inception_weights"))
 
 
 # --------------------------------------------------------------------------------------------
