@@ -26,6 +26,8 @@ from diffusion_jax.errors import ConfigError
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 PRESETS = {  # --model: the config file whose model the checkpoint is
     "ddpm_cifar10": "ddpm_cifar.py",  # google/ddpm-cifar10-32 (its unet/ folder)
+    "dit_xl2": "dit_xl2_imagenet256.py",  # DiT-XL-2-256x256.pt, or facebook/DiT-XL-2-256's transformer/ folder
+    "sd_vae": "sd_vae.py",  # stabilityai/sd-vae-ft-ema or -mse
 }
 
 

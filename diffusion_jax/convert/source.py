@@ -88,23 +88,27 @@ def _diffusers_folder(folder: Path, field: str) -> TensorSource:
 
 
 def _safetensors(files: list[Path], describe: str) -> TensorSource:
+    """Each tensor is read through its own short-lived `safe_open`: the file is memory-mapped only while one
+    tensor is copied out, so the mapped pages of tensors already converted leave the process's resident set
+    (a handle kept open would leave the whole file resident, +1x the model's size at the peak)."""
     from safetensors import safe_open
 
     shapes, owner, bf16 = {}, {}, set()
     for file in files:
-        handle = safe_open(str(file), framework="np")
-        for name in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
-            tensor = handle.get_slice(name)
-            shapes[name], owner[name] = tuple(tensor.get_shape()), handle
-            if tensor.get_dtype() == "BF16":
-                bf16.add(name)
+        with safe_open(str(file), framework="np") as handle:
+            for name in handle.keys():  # noqa: SIM118  (a safe_open handle is not a dict)
+                tensor = handle.get_slice(name)
+                shapes[name], owner[name] = tuple(tensor.get_shape()), str(file)
+                if tensor.get_dtype() == "BF16":
+                    bf16.add(name)
 
     def read(name: str) -> np.ndarray:
-        if name in bf16:  # NumPy has no bfloat16: the raw 16-bit words, viewed as ml_dtypes' bfloat16
-            import ml_dtypes
+        with safe_open(owner[name], framework="np") as handle:
+            if name in bf16:  # NumPy has no bfloat16: the raw 16-bit words, viewed as ml_dtypes' bfloat16
+                import ml_dtypes
 
-            return owner[name].get_slice(name)[:].view(ml_dtypes.bfloat16)
-        return owner[name].get_tensor(name)
+                return np.array(handle.get_slice(name)[:].view(ml_dtypes.bfloat16), np.float32)
+            return handle.get_tensor(name)
 
     return TensorSource(shapes, read, describe)
 
