@@ -15,9 +15,10 @@ where a value that contradicts this config is a one-line error naming both.
 
   model.name        checkpoint                                   module
   'unet'            diffusers UNet2DModel (DDPM)                 `convert.unet2d`
+                    or UNet2DConditionModel (SD 1.x)             `convert.unet2d_condition`
   'autoencoder_kl'  diffusers AutoencoderKL (SD's VAE), into     `convert.autoencoder_kl`
                     `autoencoder/` (the discriminator: initialised)
-  'dit', 'DiT-*/*'  DiT's reference .pt, or diffusers DiTTransformer2DModel  `convert.dit`
+  'dit', 'DiT-*/*'  DiT's reference .pt, DiTTransformer2DModel   `convert.dit`
 
 A format module may also name `TARGET`, the subtree of our parameters its rules fill (the rest is drawn by
 the initialiser with a new run's key, `initialised_around`), `source_options(names)`, rule options read
@@ -36,29 +37,43 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from diffusion_jax.convert import autoencoder_kl, dit, mapping, source, unet2d
+from diffusion_jax.convert import autoencoder_kl, dit, mapping, source, unet2d, unet2d_condition
 from diffusion_jax.errors import ConfigError
 
 # model.name -> its format module
 FORMATS: dict[str, types.ModuleType] = {"unet": unet2d, "autoencoder_kl": autoencoder_kl, "dit": dit}
 FORMATS |= dict.fromkeys(dit.VARIANTS, dit)  # 'DiT-S/2' ... 'DiT-XL/8'
 
+
+def _unet_format(tensors: source.TensorSource) -> types.ModuleType:
+    """A 'unet' checkpoint's format: SD's UNet2DConditionModel (by its config.json's `_class_name`, or without
+    one by its cross-attention tensors), else DDPM's UNet2DModel."""
+    return unet2d_condition if unet2d_condition.is_conditional(tensors.config, tensors.names) else unet2d
+
+
+# model.name whose checkpoints come in several formats -> the format of a given source (else `FORMATS`')
+SOURCE_FORMATS: dict[str, Callable[[source.TensorSource], types.ModuleType]] = {"unet": _unet_format}
+
 # our model fields a checkpoint's config.json decides, and where the data's shape lives for the rest
 DATA_FIELDS = {"image_size": "data.image_size", "in_channels": "the data's channels"}
 
 
-def format_of(config: ml_collections.ConfigDict) -> types.ModuleType:
-    """The format module that imports into `model.name`."""
+def format_of(config: ml_collections.ConfigDict, tensors: source.TensorSource | None = None) -> types.ModuleType:
+    """The format module that imports `tensors` (when given: `SOURCE_FORMATS`) into `model.name`."""
     name = config.model.name
     if name not in FORMATS:
         raise ConfigError(f"model.pretrained: no importer for model.name={name!r}; there are: {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return SOURCE_FORMATS[name](tensors) if name in SOURCE_FORMATS and tensors is not None else FORMATS[name]
 
 
-def check_against(config: ml_collections.ConfigDict, derived: dict, example_shape: tuple[int, ...]) -> None:
-    """A one-line ConfigError where the checkpoint's config.json (as our fields, `derived`) contradicts `config`."""
+def check_against(
+    config: ml_collections.ConfigDict, derived: dict, example_shape: tuple[int, ...],
+    fmt: types.ModuleType | None = None,
+) -> None:
+    """A one-line ConfigError where the checkpoint's config.json (as our fields, `derived`, of the format `fmt`,
+    by default `model.name`'s) contradicts `config`."""
     have = {"image_size": example_shape[0], "in_channels": example_shape[-1]}
-    defaults = getattr(format_of(config), "model_defaults", lambda name: {})(config.model.name)
+    defaults = getattr(fmt or format_of(config), "model_defaults", lambda name: {})(config.model.name)
     for field, value in derived.items():
         if field in DATA_FIELDS:
             mine, where = have[field], DATA_FIELDS[field]
@@ -82,10 +97,10 @@ def importer(
     if diffusion and config.diffusion.get("process", "discrete") != "discrete":
         raise ConfigError(f"model.pretrained: imports a discrete-time network; diffusion.process is "
                           f"{config.diffusion.process!r}")
-    fmt = format_of(config)
     tensors = source.open_source(path)
+    fmt = format_of(config, tensors)
     if tensors.config is not None:
-        check_against(config, fmt.model_config(tensors.config), example_shape)
+        check_against(config, fmt.model_config(tensors.config), example_shape, fmt)
     options = fmt.rule_options(tensors.config or {})
     if hasattr(fmt, "source_options"):
         options |= fmt.source_options(tensors.names)
@@ -133,7 +148,9 @@ def import_weights(
 def config_overrides(path: str | Path, config: ml_collections.ConfigDict) -> dict:
     """The `model.*` fields a diffusers folder's config.json decides ({} for a bare weights file)."""
     tensors = source.open_source(path)
-    return {} if tensors.config is None else config_overrides_of(format_of(config).model_config(tensors.config))
+    if tensors.config is None:
+        return {}
+    return config_overrides_of(format_of(config, tensors).model_config(tensors.config))
 
 
 def config_overrides_of(derived: dict) -> dict:
@@ -141,5 +158,6 @@ def config_overrides_of(derived: dict) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in derived.items() if k not in DATA_FIELDS}
 
 
-__all__ = ["FORMATS", "autoencoder_kl", "check_against", "config_overrides", "config_overrides_of", "dit", "format_of",
-           "import_weights", "importer", "initialised_around", "mapping", "source", "unet2d"]
+__all__ = ["FORMATS", "SOURCE_FORMATS", "autoencoder_kl", "check_against", "config_overrides", "config_overrides_of",
+           "dit", "format_of", "import_weights", "importer", "initialised_around", "mapping", "source", "unet2d",
+           "unet2d_condition"]

@@ -39,14 +39,15 @@ def linear(
     )
 
 
-def group_norm(channels: int, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32) -> nnx.GroupNorm:
-    """GroupNorm (Wu & He 2018) with gcd(32, channels) groups.
+def group_norm(channels: int, *, eps: float = 1e-6, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32) -> nnx.GroupNorm:
+    """GroupNorm (Wu & He 2018) with gcd(32, channels) groups and epsilon `eps`.
 
     That is the 32 groups of Ho et al. and ADM whenever `channels` is a multiple
     of 32, and still a valid grouping for the narrow models used in tests
-    (8 channels -> 8 groups, 48 -> 16).
+    (8 channels -> 8 groups, 48 -> 16). `eps`: 1e-6 as Ho et al.'s TF code; Stable
+    Diffusion's U-Net uses PyTorch's 1e-5 (diffusers' `norm_eps`).
     """
-    return nnx.GroupNorm(channels, num_groups=math.gcd(32, channels), dtype=dtype, rngs=rngs)
+    return nnx.GroupNorm(channels, num_groups=math.gcd(32, channels), epsilon=eps, dtype=dtype, rngs=rngs)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:

@@ -34,17 +34,19 @@ def _conv3x3(
     out_ch: int,
     *,
     stride: int = 1,
+    padding: str | int = "SAME",
     zero_init: bool = False,
     rngs: nnx.Rngs,
     dtype: DTypeLike,
 ) -> nnx.Conv:
-    """3x3 SAME convolution with Ho et al.'s initialisation (zero for output convs)."""
+    """3x3 convolution (SAME, or `padding` zeros on every side) with Ho et al.'s initialisation (zero for
+    output convs)."""
     return nnx.Conv(
         in_ch,
         out_ch,
         (3, 3),
         strides=stride,
-        padding="SAME",
+        padding=padding,
         kernel_init=zeros_init if zero_init else default_init,
         dtype=dtype,
         rngs=rngs,
@@ -70,6 +72,7 @@ class ResBlock(nnx.Module):
     AdaGN); out = skip(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised and
     skip a 1x1 projection when the width changes. With `resample`, ADM resamples h
     and x after the first norm: 2x2 average pool ('down') or nearest x2 ('up').
+    Both GNs use epsilon `norm_eps` (diffusers' ResnetBlock2D `eps`).
     """
 
     def __init__(
@@ -81,16 +84,17 @@ class ResBlock(nnx.Module):
         dropout: float,
         use_scale_shift_norm: bool,
         resample: Direction | None = None,
+        norm_eps: float = 1e-6,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = resample
-        self.norm1 = group_norm(in_ch, rngs=rngs, dtype=dtype)
+        self.norm1 = group_norm(in_ch, eps=norm_eps, rngs=rngs, dtype=dtype)
         self.conv1 = _conv3x3(in_ch, out_ch, rngs=rngs, dtype=dtype)
         emb_out = 2 * out_ch if use_scale_shift_norm else out_ch
         self.emb_proj = linear(emb_dim, emb_out, rngs=rngs, dtype=dtype)
-        self.norm2 = group_norm(out_ch, rngs=rngs, dtype=dtype)
+        self.norm2 = group_norm(out_ch, eps=norm_eps, rngs=rngs, dtype=dtype)
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = _conv3x3(out_ch, out_ch, zero_init=True, rngs=rngs, dtype=dtype)
         self.skip = linear(in_ch, out_ch, rngs=rngs, dtype=dtype) if in_ch != out_ch else None
@@ -175,7 +179,9 @@ class Resample(nnx.Module):
     """x2 down- or upsampling between levels.
 
     DDPM: a 3x3 conv with stride 2 ('down'), or nearest x2 then a 3x3 conv ('up').
-    ADM with `resblock_updown`: a ResBlock that resamples internally.
+    ADM with `resblock_updown`: a ResBlock that resamples internally. The stride-2 conv pads
+    SAME (our even sizes: 0 before, 1 after, as Ho et al.'s TF code and diffusers' `downsample_padding=0`),
+    or `downsample_padding` zeros on every side (LDM's and Stable Diffusion's Downsample: 1).
     """
 
     def __init__(
@@ -187,6 +193,8 @@ class Resample(nnx.Module):
         emb_dim: int,
         dropout: float,
         use_scale_shift_norm: bool,
+        norm_eps: float = 1e-6,
+        downsample_padding: int | None = None,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
@@ -199,14 +207,16 @@ class Resample(nnx.Module):
                 dropout=dropout,
                 use_scale_shift_norm=use_scale_shift_norm,
                 resample=direction,
+                norm_eps=norm_eps,
                 rngs=rngs,
                 dtype=dtype,
             )
             self.conv = None
         else:
             self.block = None
-            stride = 2 if direction == "down" else 1
-            self.conv = _conv3x3(channels, channels, stride=stride, rngs=rngs, dtype=dtype)
+            down = direction == "down"
+            padding = "SAME" if downsample_padding is None or not down else downsample_padding
+            self.conv = _conv3x3(channels, channels, stride=2 if down else 1, padding=padding, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         """[B, H, W, C] -> [B, H/2, W/2, C] ('down') or [B, 2H, 2W, C] ('up')."""
@@ -238,7 +248,8 @@ class Blocks:
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
-            attention resolution is never visited, or heads do not divide the channels.
+            attention resolution is never visited, heads do not divide the channels, or
+            `downsample_padding` is neither None nor 1 (or set where ResBlocks resample).
     """
 
     def __init__(
@@ -259,7 +270,15 @@ class Blocks:
         remat: bool = False,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        norm_eps: float = 1e-6,
+        downsample_padding: int | None = None,
     ):
+        if downsample_padding not in (None, 1):  # a stride-2 3x3 conv halves an even size only so
+            raise ConfigError(f"model.downsample_padding: got {downsample_padding!r}; use None (SAME: 0 before, "
+                              "1 after) or 1 (1 on every side, as Stable Diffusion)")
+        if downsample_padding is not None and resblock_updown:
+            raise ConfigError("model.downsample_padding: pads the conv downsampling, but model.resblock_updown=True "
+                              "downsamples in ResBlocks; leave it None")
         ch_mult = tuple(ch_mult)
         attn_resolutions = tuple(attn_resolutions)
         if not ch_mult:
@@ -306,8 +325,10 @@ class Blocks:
         self.remat = remat
         self.context_dim = context_dim
         self.transformer_depth = transformer_depth
+        self.downsample_padding = downsample_padding
         self.res_kw = dict(
-            emb_dim=self.emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rngs=rngs, dtype=dtype
+            emb_dim=self.emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, norm_eps=norm_eps,
+            rngs=rngs, dtype=dtype,
         )
 
     def res_block(self, cin: int, cout: int) -> ResBlock:
@@ -330,7 +351,8 @@ class Blocks:
         return Stage(self.res_block(cin, cout), attn, self.remat)
 
     def resample(self, channels: int, direction: Direction) -> Resample:
-        return Resample(channels, direction, resblock=self.resblock_updown, **self.res_kw)
+        return Resample(channels, direction, resblock=self.resblock_updown,
+                        downsample_padding=self.downsample_padding, **self.res_kw)
 
 
 class Encoder(nnx.Module):
@@ -445,6 +467,12 @@ class UNet(Encoder):
             block (at `attn_resolutions` and in the middle) becomes LDM's SpatialTransformer
             (Rombach et al. 2022, §3.3: self-attention, cross-attention to the context, GEGLU).
         transformer_depth: transformer blocks per SpatialTransformer (LDM's `transformer_depth`).
+        norm_eps: the epsilon of the ResBlocks' and the output's GroupNorms: 1e-6 (Ho et al.'s TF code), or
+            Stable Diffusion's 1e-5 (PyTorch's default; diffusers' `norm_eps`). The SpatialTransformers keep
+            their own (GroupNorm 1e-6, LayerNorm 1e-5, as LDM and diffusers).
+        downsample_padding: the stride-2 downsampling conv's padding: None pads SAME (0 before, 1 after:
+            Ho et al., diffusers' `downsample_padding=0`), 1 pads 1 on every side (LDM's Downsample, Stable
+            Diffusion's `downsample_padding=1`); the two see the input shifted by one pixel.
         pooled_dim: the width of a pooled embedding `cond['pooled']` [B, D], projected and added
             to the time embedding.
         text_encoder: a jointly trained `models.text.TextEncoder` of `cond['tokens']`: a dict of
@@ -453,7 +481,8 @@ class UNet(Encoder):
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
-            attention resolution is never visited, or heads do not divide the channels.
+            attention resolution is never visited, heads do not divide the channels, or
+            `downsample_padding` is neither None nor 1 (or set with `resblock_updown`).
     """
 
     def __init__(
@@ -481,13 +510,15 @@ class UNet(Encoder):
         text_encoder: dict | None = None,
         out_channels: int | None = None,
         time_freq_shift: float = 0.0,
+        norm_eps: float = 1e-6,
+        downsample_padding: int | None = None,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
         blocks = Blocks(
             image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads, num_head_channels,
             use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat, context_dim=context_dim,
-            transformer_depth=transformer_depth,
+            transformer_depth=transformer_depth, norm_eps=norm_eps, downsample_padding=downsample_padding,
         )
         skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift)
 
@@ -501,7 +532,7 @@ class UNet(Encoder):
             up.append(Level(stages, None if i == 0 else blocks.resample(cur, "up")))
         self.up = nnx.List(up)
 
-        self.norm_out = group_norm(cur, rngs=rngs, dtype=dtype)
+        self.norm_out = group_norm(cur, eps=norm_eps, rngs=rngs, dtype=dtype)
         out_channels = in_channels if out_channels is None else out_channels
         out_channels = 2 * out_channels if learn_sigma else out_channels
         self.conv_out = _conv3x3(cur, out_channels, zero_init=True, rngs=rngs, dtype=dtype)
