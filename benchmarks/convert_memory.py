@@ -35,7 +35,8 @@ if layout == "diffusers":
     save_file({k: np.zeros(v.shape, np.float32) for k, v in model.state_dict().items()},
               str(out / "diffusion_pytorch_model.safetensors"))
 else:  # the reference names, from the diffusers folder (tests/test_convert_dit.py's inverse of diffusers' script)
-    from tests.test_convert_dit import reference_state_dict
+    sys.path.insert(0, "tests")
+    from test_convert_dit import reference_state_dict
     torch.save(reference_state_dict(DiTTransformer2DModel.from_pretrained(folder)), out)
 """
 

@@ -1,4 +1,6 @@
-"""Block-by-block comparison of a PyTorch model and its import, for parity tests that say where they diverge.
+"""Block-by-block comparison of a PyTorch model and its import, for parity tests that say where they diverge;
+`randomised` perturbs every parameter of a reference model first, so no zero-initialised layer hides a wrong
+mapping.
 
 `first_divergence` runs the torch model once with forward hooks on the named submodules, feeds each
 submodule's recorded inputs (NCHW -> NHWC) to our corresponding module, and returns the first block, in the
@@ -52,3 +54,12 @@ def first_divergence(torch_model: torch.nn.Module, run: Callable[[], object], bl
         if error > tol:
             return f"{name}: relative error {error:.2e}"
     return None
+
+
+def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` with every parameter perturbed (no zero-initialised layer hides a wrong mapping)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from flax import nnx
-from parity import first_divergence, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, to_nhwc
 
 import diffusion_jax as dj
 from diffusion_jax import convert
@@ -25,15 +25,6 @@ DDPM_UNET = dict(  # google/ddpm-cifar10-32's UNet2DModel settings (Ho et al.'s 
     norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
     attention_head_dim=None, act_fn="silu",
 )
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """`model` with every parameter perturbed (no zero-initialised layer hides a wrong mapping)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return model.eval()
 
 
 def unet_config():

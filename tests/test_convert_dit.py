@@ -15,9 +15,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from flax import nnx
-from parity import first_divergence, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, to_nhwc
 from safetensors.numpy import load_file, save_file
-from test_convert import randomised
 
 from diffusion_jax import convert, models
 from diffusion_jax.config import base_config, config_from_file

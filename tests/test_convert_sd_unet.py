@@ -10,8 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from flax import nnx
-from parity import first_divergence, relative_error, to_nhwc
-from test_convert import randomised
+from parity import first_divergence, randomised, relative_error, to_nhwc
 
 from diffusion_jax import convert, models
 from diffusion_jax.config import base_config

@@ -13,15 +13,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from flax import nnx
-from parity import first_divergence, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, to_nhwc
 from safetensors.numpy import load_file, save_file
-from test_convert import randomised
 
 from diffusion_jax import convert
 from diffusion_jax.config import base_config
 from diffusion_jax.convert import autoencoder_kl, mapping, source
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.training.setup import build_model
+from diffusion_jax.training.setup import build_model, params_key
 
 SD_VAE_EMA = {  # stabilityai/sd-vae-ft-ema's config.json (sd-vae-ft-mse's is the same)
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
@@ -113,8 +112,8 @@ def test_a_diffusers_autoencoderkl_imports_to_our_first_stage_posterior_and_deco
 def test_the_discriminator_no_checkpoint_holds_is_the_initialisers(tiny_vae):
     _, _, config, _, params = tiny_vae
     _, init = build_model(config, (16, 16, 3))
-    with jax.default_prng_impl(INIT_KEY_IMPL):  # a new run's parameters: init(fold_in(key(seed), 0))
-        drawn = jax.jit(lambda key: init(key)["discriminator"])(jax.random.fold_in(jax.random.key(config.seed), 0))
+    with jax.default_prng_impl(INIT_KEY_IMPL):  # a new run's parameters: init(params_key(config))
+        drawn = jax.jit(lambda key: init(key)["discriminator"])(params_key(config))
     for ours, initial in zip(jax.tree.leaves(params["discriminator"]), jax.tree.leaves(drawn), strict=True):
         np.testing.assert_array_equal(ours, initial)
     assert any(np.any(leaf != 0) for leaf in jax.tree.leaves(drawn))

@@ -123,15 +123,15 @@ def initialised_around(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...], abstract_params: nnx.State, target: str,
     imported: nnx.State,
 ) -> nnx.State:
-    """`abstract_params` with `imported` as its `target` subtree and the rest as a new run draws it (the
-    initialiser at fold_in(key(seed), 0), `training.experiment`'s key): what no checkpoint holds, such as a first
-    stage's discriminator, starts as it would without the import. Only the rest is computed."""
-    from diffusion_jax.training.setup import build_model  # training imports this package
+    """`abstract_params` with `imported` as its `target` subtree and the rest as a new run draws it
+    (`training.setup.params_key`): what no checkpoint holds, such as a first stage's discriminator, starts as it
+    would without the import. Only the rest is computed."""
+    from diffusion_jax.training.setup import build_model, params_key  # training imports this package
 
     _, init = build_model(config, example_shape)
     prefix = f"{target}/"
     rest = jax.jit(lambda key: {p: v for p, v in mapping.param_paths(init(key)).items() if not p.startswith(prefix)})(
-        jax.random.fold_in(jax.random.key(config.seed), 0))
+        params_key(config))
     values = rest | {prefix + p: v for p, v in mapping.param_paths(imported).items()}
     leaves = [values[p] for p in mapping.param_paths(abstract_params)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)

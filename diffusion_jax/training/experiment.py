@@ -18,7 +18,7 @@ from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
-from diffusion_jax.training.setup import RunProcess, build_model, build_process, check_config
+from diffusion_jax.training.setup import RunProcess, build_model, build_process, check_config, params_key
 from diffusion_jax.training.step import make_train_step
 from diffusion_jax.validation import validate_config
 
@@ -71,7 +71,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
 
     def create_state(teacher: nnx.State | None, initial: nnx.State | None) -> state_lib.TrainState:
         # The objective's starting point (a copy: the state's buffers are donated), else the initialiser.
-        params = init_params(jax.random.fold_in(root_key, 0)) if initial is None else jax.tree.map(jnp.copy, initial)
+        params = init_params(params_key(config)) if initial is None else jax.tree.map(jnp.copy, initial)
         history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)

@@ -156,6 +156,12 @@ def build_model(
     return graphdef, jax.jit(lambda key: split_model(make(key))[1])
 
 
+def params_key(config: ml_collections.ConfigDict) -> jax.Array:
+    """The key a new run draws its initial parameters with (`training.experiment`; the weight importer draws what
+    a checkpoint lacks, such as a first stage's discriminator, with it too)."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0)
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params); models must hold nothing but `nnx.Param` state."""
     graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
