@@ -152,6 +152,16 @@ def test_the_reference_state_dict_imports_to_the_same_parameters(tiny_dit):
         np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
 
 
+def test_a_reference_checkpoint_of_another_resolution_is_refused_by_its_position_table(tiny_dit, tmp_path):
+    state = torch.load(tiny_dit[2], weights_only=True)
+    tokens, width = state["pos_embed"].shape[1:]
+    state["pos_embed"] = torch.zeros(1, 4 * tokens, width)  # the same network trained at twice the size
+    torch.save(state, tmp_path / "DiT-tiny-2x.pt")
+    with pytest.raises(ConfigError, match=rf"^data.image_size: {SHAPE[0]} in this config, but model.pretrained's "
+                                          rf"checkpoint \(by its tensors' shapes\) makes it {2 * SHAPE[0]}"):
+        imported(tmp_path / "DiT-tiny-2x.pt")
+
+
 def test_our_position_table_is_the_reference_buffer_the_import_ignores(tiny_dit):
     model = tiny_dit[0]
     table = dit_model.get_2d_sincos_pos_embed(32, 4)

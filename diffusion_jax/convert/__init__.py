@@ -22,7 +22,8 @@ where a value that contradicts this config is a one-line error naming both.
 
 A format module may also name `TARGET`, the subtree of our parameters its rules fill (the rest is drawn by
 the initialiser with a new run's key, `initialised_around`), `source_options(names)`, rule options read
-from the checkpoint's tensor names, `check_source(source)`, checks that read tensors no rule places (run
+from the checkpoint's tensor names, `config_from_tensors(source)`, our model fields read off the tensors'
+shapes where there is no config.json, `check_source(source)`, checks that read tensors no rule places (run
 before the weights are), and `model_defaults(model_name)`, the fields a config may leave to the model.
 """
 
@@ -68,10 +69,10 @@ def format_of(config: ml_collections.ConfigDict, tensors: source.TensorSource | 
 
 def check_against(
     config: ml_collections.ConfigDict, derived: dict, example_shape: tuple[int, ...],
-    fmt: types.ModuleType | None = None,
+    fmt: types.ModuleType | None = None, evidence: str = "config.json",
 ) -> None:
-    """A one-line ConfigError where the checkpoint's config.json (as our fields, `derived`, of the format `fmt`,
-    by default `model.name`'s) contradicts `config`."""
+    """A one-line ConfigError where the checkpoint's `evidence` (its config.json, or its tensors' shapes), read as
+    our fields `derived` by the format `fmt` (by default `model.name`'s), contradicts `config`."""
     have = {"image_size": example_shape[0], "in_channels": example_shape[-1]}
     defaults = getattr(fmt or format_of(config), "model_defaults", lambda name: {})(config.model.name)
     for field, value in derived.items():
@@ -81,7 +82,7 @@ def check_against(
             mine, where = config.model.get(field, defaults.get(field)), f"model.{field}"
         mine = tuple(mine) if isinstance(mine, list | tuple) else mine
         if mine != value and not (field == "num_heads" and derived.get("num_head_channels") is not None):
-            raise ConfigError(f"{where}: {mine!r} in this config, but model.pretrained's config.json makes it "
+            raise ConfigError(f"{where}: {mine!r} in this config, but model.pretrained's {evidence} makes it "
                               f"{value!r}; set it so, or use a checkpoint of this model")
 
 
@@ -101,6 +102,9 @@ def importer(
     fmt = format_of(config, tensors)
     if tensors.config is not None:
         check_against(config, fmt.model_config(tensors.config), example_shape, fmt)
+    elif hasattr(fmt, "config_from_tensors"):  # no config.json: what the tensors' shapes say of the model
+        check_against(config, fmt.config_from_tensors(tensors), example_shape, fmt,
+                      "checkpoint (by its tensors' shapes)")
     options = fmt.rule_options(tensors.config or {})
     if hasattr(fmt, "source_options"):
         options |= fmt.source_options(tensors.names)

@@ -121,6 +121,26 @@ def check_source(source: TensorSource) -> None:
                                   "and class embedder, as DiT's reference, so every block's copy must be block 0's")
 
 
+def config_from_tensors(source: TensorSource) -> dict:
+    """Our model fields (and the latents' size and channels) that a reference `.pt`'s shapes fix, since it has no
+    config.json: its patch embedding [D, C, p, p], its `pos_embed` [1, (S / p)², D] (so DiT-XL/2-512's weights,
+    whose parameters have the 256 model's shapes, are told apart), its class table [K + 1, D], its blocks and its
+    final layer [p² C_out, D]; {} for the diffusers layout (its config.json is read instead). Heads cannot be read
+    off the shapes."""
+    if LAYOUT_MARKS["reference"] not in source or "pos_embed" not in source:
+        return {}
+    hidden, channels, patch, _ = source.shape(LAYOUT_MARKS["reference"])
+    tokens = source.shape("pos_embed")[1]
+    side = round(tokens**0.5)
+    out_channels = source.shape("final_layer.linear.weight")[0] // patch**2
+    return {
+        "image_size": side * patch, "in_channels": channels, "patch_size": patch, "hidden_size": hidden,
+        "depth": len({n.split(".")[1] for n in source.names if n.startswith("blocks.")}),
+        "num_classes": source.shape("y_embedder.embedding_table.weight")[0] - 1,
+        "learn_sigma": out_channels == 2 * channels,
+    }
+
+
 def model_defaults(name: str) -> dict:
     """The model fields that `model.name` decides when a config leaves them out: a variant's depth, hidden_size,
     num_heads and patch_size (Table 1), else `DiT`'s defaults."""
