@@ -201,7 +201,7 @@ class Evaluator:
             logging.info("VDM VLB: batch %d/%d, %.4f bits/dim so far", i + 1, len(batches),
                          np.concatenate(parts["bpd"]).mean())
         total = np.concatenate(parts["bpd"])
-        to_bpd = 1.0 / (math.prod(self.exp.example_shape) * math.log(2.0))  # nats per example -> bits/dim
+        to_bpd = 1.0 / vdm.bits_per_nat_factor(self.exp.example_shape)  # nats per example -> bits/dim
         scalars = {
             "vlb_bpd": float(total.mean()),
             "vlb_bpd_prior": float(np.concatenate(parts["prior"]).mean() * to_bpd),

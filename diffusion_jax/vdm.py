@@ -110,30 +110,38 @@ def reconstruction_loss(x: jax.Array, eps_0: jax.Array, gamma_0: jax.Array, grid
     return jnp.sum(nll.reshape(x.shape[0], -1), axis=1)
 
 
-def diffusion_loss(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """½ γ'(t) ||ε - ε̂(z_t; γ_t)||² per example [B], z_t = α_t x + σ_t ε (Eq. 17's integrand at t)."""
+def noise_error(eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, t: jax.Array, eps: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """(γ'(t), ||ε - ε̂(z_t; γ_t)||²) per example [B] each, z_t = α_t x + σ_t ε."""
     gamma, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
     alpha, sigma = alpha_sigma(gamma)
     z_t = per_example(alpha, x) * x + per_example(sigma, x) * eps
     error = jnp.square(eps - eps_fn(z_t, gamma).astype(jnp.float32)).reshape(x.shape[0], -1)
-    return 0.5 * dgamma * jnp.sum(error, axis=1)
+    return dgamma, jnp.sum(error, axis=1)
 
 
 def vlb(
     eps_fn: EpsFn, gamma_fn: GammaFn, x: jax.Array, key: jax.Array, grid: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """The negative VLB's three terms per example, in nats [B]: {'prior', 'reconstruction', 'diffusion'}, and
-    their sum in bits per dimension ('bpd'); t antithetic, one sample of ε per term."""
+    their sum in bits per dimension ('bpd'); t antithetic, one sample of ε per term. Also the draws behind the
+    diffusion term: 't' and 'noise_error' (||ε - ε̂||²), each [B]."""
     t_key, eps_key, eps0_key = jax.random.split(key, 3)
     ends = gamma_fn(jnp.asarray([0.0, 1.0], jnp.float32))
+    t = antithetic_times(t_key, x.shape[0])
+    dgamma, error = noise_error(eps_fn, gamma_fn, x, t, jax.random.normal(eps_key, x.shape))
     terms = {
         "prior": prior_loss(x, ends[1]),
         "reconstruction": reconstruction_loss(x, jax.random.normal(eps0_key, x.shape), ends[0], grid),
-        "diffusion": diffusion_loss(eps_fn, gamma_fn, x, antithetic_times(t_key, x.shape[0]),
-                                    jax.random.normal(eps_key, x.shape)),
+        "diffusion": 0.5 * dgamma * error,
     }
     total = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
-    return terms | {"bpd": total / (math.prod(x.shape[1:]) * math.log(2.0))}
+    return terms | {"bpd": total / bits_per_nat_factor(x.shape[1:]), "t": t, "noise_error": error}
+
+
+def bits_per_nat_factor(example_shape: tuple[int, ...]) -> float:
+    """D ln 2 of examples of `example_shape`: nats per example / this = bits per dimension."""
+    return math.prod(example_shape) * math.log(2.0)
 
 
 def vdm_objective(
@@ -142,11 +150,10 @@ def vdm_objective(
     """The batch mean of the negative VLB in bits/dim, whose gradient is VDM's: the VLB's for the network and
     γ's endpoints, ½ d/dη E[L²] = E[L dL/dη] (the estimator's variance, §5.3) for γ's shape parameters η.
 
-    L is computed twice with the same draws: with the shape under stop_gradient (for the network and the
-    endpoints) and with the network and endpoints under stop_gradient (for the shape); the value returned is
-    the VLB itself. The second pass replays the first pass's ε̂ (under stop_gradient) instead of calling the
-    network again, so a step costs one network evaluation; the shape's gradient thus holds ε̂ fixed and does
-    not follow γ_t through the network's input.
+    L is evaluated once, with the shape under stop_gradient (for the network and the endpoints). L depends on the
+    shape only through the diffusion term's γ'(t) (the prior and the decoder read the endpoints alone), so dL/dη is
+    that of ½ γ'(t) ||ε - ε̂||² with the endpoints and ε̂ held: one network evaluation per step, and the shape's
+    gradient does not follow γ_t through the network's input. The value returned is the VLB itself.
     """
     graphdef, params = nnx.split(gamma)
     frozen = jax.lax.stop_gradient
@@ -160,17 +167,12 @@ def vdm_objective(
                                                 params)
         return lambda t: nnx.merge(graphdef, kept)(t)
 
-    evaluated: list[jax.Array] = []  # the first pass's ε̂ [B, ...], replayed by the second
-
-    def recorded_eps(z: jax.Array, g: jax.Array) -> jax.Array:
-        evaluated.append(eps_fn(z, g))
-        return evaluated[-1]
-
-    terms = vlb(recorded_eps, gamma_with(shape_frozen=True), x, key, grid)
-    shape_terms = vlb(lambda z, g: frozen(evaluated[0]), gamma_with(shape_frozen=False), x, key, grid)
-    loss, shape_loss = terms["bpd"], shape_terms["bpd"]
+    terms = vlb(eps_fn, gamma_with(shape_frozen=True), x, key, grid)
+    _, shape_slope = jax.jvp(gamma_with(shape_frozen=False), (terms["t"],), (jnp.ones_like(terms["t"]),))
+    shape_loss = 0.5 * shape_slope * frozen(terms["noise_error"]) / bits_per_nat_factor(x.shape[1:])
+    loss = terms["bpd"]
     surrogate = jnp.mean(loss) + jnp.mean(frozen(loss) * (shape_loss - frozen(shape_loss)))
-    return surrogate, {k: jnp.mean(v) for k, v in terms.items()}
+    return surrogate, {k: jnp.mean(terms[k]) for k in ("prior", "reconstruction", "diffusion", "bpd")}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
