@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from flax import nnx
-from parity import first_divergence, randomised, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, saved_and_imported, to_nhwc
 
 import diffusion_jax as dj
 from diffusion_jax import convert
@@ -41,10 +41,7 @@ def ddpm_unet(tmp_path_factory):
     torch.manual_seed(0)
     model = randomised(UNet2DModel(**DDPM_UNET))
     folder = tmp_path_factory.mktemp("ddpm") / "unet"
-    model.save_pretrained(folder)
-    config = unet_config()
-    graphdef, init = build_model(config, (16, 16, 3))
-    params = convert.import_weights(config, jax.eval_shape(init, jax.random.key(0)), (16, 16, 3), folder)
+    graphdef, params = saved_and_imported(model, folder, unet_config(), (16, 16, 3))
     return model, folder, graphdef, params
 
 

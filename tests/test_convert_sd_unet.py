@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from flax import nnx
-from parity import first_divergence, randomised, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, saved_and_imported, to_nhwc
 
 from diffusion_jax import convert, models
 from diffusion_jax.config import base_config
@@ -49,10 +49,7 @@ def sd_unet(tmp_path_factory):
     torch.manual_seed(0)
     model = randomised(UNet2DConditionModel(**TINY_SD_UNET))
     folder = tmp_path_factory.mktemp("sd") / "unet"
-    model.save_pretrained(folder)
-    config = sd_config()
-    graphdef, init = build_model(config, (8, 8, 4))
-    params = convert.import_weights(config, jax.eval_shape(init, jax.random.key(0)), (8, 8, 4), folder)
+    graphdef, params = saved_and_imported(model, folder, sd_config(), (8, 8, 4))
     return model, folder, graphdef, params
 
 

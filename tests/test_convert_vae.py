@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from flax import nnx
-from parity import first_divergence, randomised, relative_error, to_nhwc
+from parity import first_divergence, randomised, relative_error, saved_and_imported, to_nhwc
 from safetensors.numpy import load_file, save_file
 
 from diffusion_jax import convert
@@ -62,11 +62,9 @@ def tiny_vae(tmp_path_factory):
     torch.manual_seed(0)
     model = randomised(AutoencoderKL(**TINY_VAE))
     folder = tmp_path_factory.mktemp("vae") / "vae"
-    model.save_pretrained(folder)
     config = first_stage_config((32, 64), 1)
-    graphdef, init = build_model(config, (16, 16, 3))
     with jax.default_prng_impl(INIT_KEY_IMPL):  # the discriminator is drawn by the initialiser
-        params = convert.import_weights(config, jax.eval_shape(init, jax.random.key(0)), (16, 16, 3), folder)
+        graphdef, params = saved_and_imported(model, folder, config, (16, 16, 3))
     return model, folder, config, graphdef, params
 
 

@@ -100,31 +100,20 @@ def model_config(diffusers: dict) -> dict:
         if value != wanted and not (isinstance(wanted, float) and np.isclose(value, wanted)):
             raise ConfigError(f"model.pretrained: its config.json has {field}={value!r}; our U-Net computes "
                               f"{field}={wanted!r}")
-    widths = list(diffusers["block_out_channels"])
+    widths = block_widths(diffusers)
     ch = widths[0]
-    if any(w % ch for w in widths):
-        raise ConfigError(f"model.pretrained: block_out_channels {widths} are not multiples of the first")
-    down = list(diffusers["down_block_types"])
-    up = list(diffusers["up_block_types"])
-    if up != [t.replace("Down", "Up") for t in reversed(down)]:
-        raise ConfigError(f"model.pretrained: up_block_types {up} do not mirror down_block_types {down}")
-    unknown = sorted(set(down) - {"DownBlock2D", "AttnDownBlock2D"})
-    if unknown:
-        raise ConfigError(f"model.pretrained: down_block_types {unknown} have no counterpart in our U-Net")
-    size = diffusers["sample_size"]
-    size = size[0] if isinstance(size, list | tuple) else size
+    attending = attention_levels(diffusers, "AttnDownBlock2D")
+    size = sample_size(diffusers)
     head_dim = diffusers.get("attention_head_dim")
-    attn_widths = {w for w, t in zip(widths, down, strict=True) if t.startswith("Attn")} | {widths[-1]}
+    attn_widths = {widths[i] for i in attending} | {widths[-1]}
     if head_dim is not None and any(w % head_dim for w in attn_widths):
         raise ConfigError(f"model.pretrained: attention_head_dim={head_dim} does not divide the widths {attn_widths}")
-    in_channels, out_channels = diffusers.get("in_channels", 3), diffusers.get("out_channels", 3)
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise ConfigError(f"model.pretrained: out_channels={out_channels} with in_channels={in_channels}")
+    in_channels, out_channels = channels(diffusers, 3)
     return {
         "ch": ch,
         "ch_mult": tuple(w // ch for w in widths),
         "num_res_blocks": diffusers["layers_per_block"],
-        "attn_resolutions": tuple(size // 2**i for i, t in enumerate(down) if t.startswith("Attn")),
+        "attn_resolutions": tuple(size // 2**i for i in attending),
         "num_heads": 1,  # one head, unless num_head_channels sets the width of each
         "num_head_channels": head_dim,
         "learn_sigma": out_channels == 2 * in_channels,
@@ -132,3 +121,43 @@ def model_config(diffusers: dict) -> dict:
         "image_size": size,
         "in_channels": in_channels,
     }
+
+
+# What a UNet2DModel's and a UNet2DConditionModel's config.json share (`unet2d_condition` reads them too).
+
+
+def block_widths(diffusers: dict) -> list[int]:
+    """`block_out_channels`, each a multiple of the first (our `ch` times `ch_mult`)."""
+    widths = list(diffusers["block_out_channels"])
+    if any(w % widths[0] for w in widths):
+        raise ConfigError(f"model.pretrained: block_out_channels {widths} are not multiples of the first")
+    return widths
+
+
+def attention_levels(diffusers: dict, attending: str) -> list[int]:
+    """The levels whose down block is of type `attending`, the others plain `DownBlock2D`s and the up path their
+    mirror (our U-Net's layout)."""
+    down, up = list(diffusers["down_block_types"]), list(diffusers["up_block_types"])
+    unknown = sorted(set(down) - {"DownBlock2D", attending})
+    if unknown:
+        raise ConfigError(f"model.pretrained: down_block_types {unknown} have no counterpart in our U-Net")
+    if up != [t.replace("Down", "Up") for t in reversed(down)]:
+        raise ConfigError(f"model.pretrained: up_block_types {up} do not mirror down_block_types {down}")
+    return [i for i, t in enumerate(down) if t == attending]
+
+
+def sample_size(diffusers: dict) -> int:
+    """`sample_size` (an int, or the first of a pair), which sets data.image_size and the attention resolutions."""
+    size = diffusers.get("sample_size")
+    if size is None:
+        raise ConfigError("model.pretrained: its config.json has no sample_size, which sets data.image_size and "
+                          "model.attn_resolutions")
+    return size[0] if isinstance(size, list | tuple) else size
+
+
+def channels(diffusers: dict, default: int) -> tuple[int, int]:
+    """(in_channels, out_channels): the output the input's channels, or twice them (a learned variance)."""
+    in_channels, out_channels = diffusers.get("in_channels", default), diffusers.get("out_channels", default)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ConfigError(f"model.pretrained: out_channels={out_channels} with in_channels={in_channels}")
+    return in_channels, out_channels

@@ -117,16 +117,6 @@ def _per_level(diffusers: dict, field: str, levels: list[int]) -> object:
     return values.pop()
 
 
-def _attention_levels(down: list[str], up: list[str]) -> list[int]:
-    """The levels whose blocks attend (CrossAttnDownBlock2D), checking the block types against our U-Net's."""
-    unknown = sorted(set(down) - {"DownBlock2D", "CrossAttnDownBlock2D"})
-    if unknown:
-        raise ConfigError(f"model.pretrained: down_block_types {unknown} have no counterpart in our U-Net")
-    if up != [t.replace("Down", "Up") for t in reversed(down)]:
-        raise ConfigError(f"model.pretrained: up_block_types {up} do not mirror down_block_types {down}")
-    return [i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"]
-
-
 def _downsample_padding(diffusers: dict) -> int | None:
     """Our `downsample_padding` of diffusers' (0: pad 0 before, 1 after = our SAME, None; 1: 1 on every side)."""
     padding = diffusers.get("downsample_padding", 1)
@@ -143,21 +133,12 @@ def model_config(diffusers: dict) -> dict:
     if name != "UNet2DConditionModel":
         raise ConfigError(f"model.pretrained: its config.json is a {name}, not a UNet2DConditionModel")
     _check_fixed(diffusers)
-    widths = list(diffusers["block_out_channels"])
+    widths = unet2d.block_widths(diffusers)
     ch = widths[0]
-    if any(w % ch for w in widths):
-        raise ConfigError(f"model.pretrained: block_out_channels {widths} are not multiples of the first")
-    down, up = list(diffusers["down_block_types"]), list(diffusers["up_block_types"])
-    attending = _attention_levels(down, up)
+    attending = unet2d.attention_levels(diffusers, "CrossAttnDownBlock2D")
     with_middle = [*attending, len(widths) - 1]  # the middle block attends at the last level's width
-    size = diffusers.get("sample_size")
-    if size is None:
-        raise ConfigError("model.pretrained: its config.json has no sample_size, which sets data.image_size and "
-                          "model.attn_resolutions")
-    size = size[0] if isinstance(size, list | tuple) else size
-    in_channels, out_channels = diffusers.get("in_channels", 4), diffusers.get("out_channels", 4)
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise ConfigError(f"model.pretrained: out_channels={out_channels} with in_channels={in_channels}")
+    size = unet2d.sample_size(diffusers)
+    in_channels, out_channels = unet2d.channels(diffusers, 4)
     return {
         "ch": ch,
         "ch_mult": tuple(w // ch for w in widths),
