@@ -50,7 +50,7 @@ _, init = build_model(config, (32, 32, 4))
 abstract = jax.eval_shape(init, jax.random.key(0))
 source = convert.source.open_source(sys.argv[1])
 if sys.argv[2] == "import":
-    params = convert.import_weights(config, abstract, (32, 32, 4), sys.argv[1])
+    params = convert.import_weights(config, init, (32, 32, 4), sys.argv[1])
     jax.block_until_ready(params)
 import resource
 print(sum(leaf.size for leaf in jax.tree.leaves(abstract)), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -86,7 +86,7 @@ def reference_state_dict(model: DiTTransformer2DModel) -> dict[str, torch.Tensor
 def imported(path) -> nnx.State:
     config = dit_config()
     _, init = build_model(config, SHAPE)
-    return convert.import_weights(config, jax.eval_shape(init, jax.random.key(0)), SHAPE, path)
+    return convert.import_weights(config, init, SHAPE, path)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_a_diffusers_config_that_contradicts_ours_is_one_line(tiny_dit):
     _, init = build_model(config, SHAPE)
     with pytest.raises(ConfigError, match=r"^model.hidden_size: 64 in this config, but model.pretrained's "
                                           r"config.json makes it 32"):
-        convert.import_weights(config, jax.eval_shape(init, jax.random.key(0)), SHAPE, folder)
+        convert.import_weights(config, init, SHAPE, folder)
     diffusers = json.loads((folder / "config.json").read_text())
     for field, value, message in [
         ("activation_fn", "gelu", r"activation_fn='gelu'; our DiT computes activation_fn='gelu-approximate'"),

@@ -126,9 +126,10 @@ def test_early_diffusers_attention_names_import_the_same_weights(tiny_vae, tmp_p
     assert "encoder.mid_block.attentions.0.query.weight" in legacy
     options = autoencoder_kl.source_options(legacy.names)
     assert options == {"attention_names": "legacy"}
-    abstract = jax.eval_shape(lambda: params)
-    convert.importer(config, abstract, (16, 16, 3), tmp_path)  # plans: every name and shape placed
-    imported, _ = mapping.convert(autoencoder_kl.rules(**options), abstract["autoencoder"], legacy)
+    _, init = build_model(config, (16, 16, 3))
+    convert.importer(config, init, (16, 16, 3), tmp_path)  # plans: every name and shape placed
+    imported, _ = mapping.convert(autoencoder_kl.rules(**options), jax.eval_shape(lambda: params)["autoencoder"],
+                                  legacy)
     for ours, theirs in zip(jax.tree.leaves(imported), jax.tree.leaves(params["autoencoder"]), strict=True):
         np.testing.assert_array_equal(ours, theirs)
 
@@ -158,7 +159,7 @@ def test_the_sd_vae_config_json_gives_our_fields_and_its_scale(tiny_vae):
     _, init = build_model(config, (16, 16, 3))
     with pytest.raises(ConfigError, match=r"^model.layers_per_block: 2 in this config, but model.pretrained's "
                                           r"config.json makes it 1"):
-        convert.importer(config, jax.eval_shape(init, jax.random.key(0)), (16, 16, 3), folder)
+        convert.importer(config, init, (16, 16, 3), folder)
 
 
 def test_the_mapping_places_every_tensor_of_the_full_sd_vae():

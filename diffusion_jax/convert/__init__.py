@@ -86,14 +86,18 @@ def check_against(
                               f"{value!r}; set it so, or use a checkpoint of this model")
 
 
+Init = Callable[[jax.Array], nnx.State]  # the model's initialiser: key -> params (`training.setup.build_model`)
+
+
 def importer(
-    config: ml_collections.ConfigDict, abstract_params: nnx.State, example_shape: tuple[int, ...],
+    config: ml_collections.ConfigDict, init_params: Init, example_shape: tuple[int, ...],
     path: str | Path | None = None,
 ) -> Callable[[], nnx.State]:
-    """Checks `model.pretrained` (or `path`) against this config's model (`abstract_params`) now, from its
+    """Checks `model.pretrained` (or `path`) against this config's model (`init_params`' parameters) now, from its
     config.json, tensor names and shapes, without reading a weight; the returned function reads them. Only
     discrete-time networks are imported (the checkpoints are DDPM-style ε/v networks), and first stages."""
     path = path or config.model.get("pretrained")
+    abstract_params = jax.eval_shape(init_params, jax.random.key(0))
     diffusion = config.training.get("objective") != "autoencode"  # a first stage runs no diffusion process
     if diffusion and config.diffusion.get("process", "discrete") != "discrete":
         raise ConfigError(f"model.pretrained: imports a discrete-time network; diffusion.process is "
@@ -118,35 +122,33 @@ def importer(
             fmt.check_source(tensors)
         params, report = mapping.convert(rules, filled, tensors, ignore=fmt.IGNORED)
         logging.info("Imported %s: %s", tensors.describe, report.summary())
-        return params if target is None else initialised_around(config, example_shape, abstract_params, target, params)
+        return params if target is None else initialised_around(config, init_params, target, params)
 
     return read
 
 
-def initialised_around(
-    config: ml_collections.ConfigDict, example_shape: tuple[int, ...], abstract_params: nnx.State, target: str,
-    imported: nnx.State,
-) -> nnx.State:
-    """`abstract_params` with `imported` as its `target` subtree and the rest as a new run draws it
+def initialised_around(config: ml_collections.ConfigDict, init_params: Init, target: str, imported: nnx.State
+                       ) -> nnx.State:
+    """`init_params`' parameters with `imported` as their `target` subtree and the rest as a new run draws them
     (`training.setup.params_key`): what no checkpoint holds, such as a first stage's discriminator, starts as it
     would without the import. Only the rest is computed."""
-    from diffusion_jax.training.setup import build_model, params_key  # training imports this package
+    from diffusion_jax.training.setup import params_key  # training imports this package
 
-    _, init = build_model(config, example_shape)
     prefix = f"{target}/"
-    rest = jax.jit(lambda key: {p: v for p, v in mapping.param_paths(init(key)).items() if not p.startswith(prefix)})(
-        params_key(config))
+    abstract = jax.eval_shape(init_params, jax.random.key(0))
+    rest = jax.jit(lambda key: {p: v for p, v in mapping.param_paths(init_params(key)).items()
+                                if not p.startswith(prefix)})(params_key(config))
     values = rest | {prefix + p: v for p, v in mapping.param_paths(imported).items()}
-    leaves = [values[p] for p in mapping.param_paths(abstract_params)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+    leaves = [values[p] for p in mapping.param_paths(abstract)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
 
 
 def import_weights(
-    config: ml_collections.ConfigDict, abstract_params: nnx.State, example_shape: tuple[int, ...],
+    config: ml_collections.ConfigDict, init_params: Init, example_shape: tuple[int, ...],
     path: str | Path | None = None,
 ) -> nnx.State:
-    """The parameters of `model.pretrained` (or `path`) in the structure of `abstract_params` (`importer`)."""
-    return importer(config, abstract_params, example_shape, path)()
+    """The parameters of `model.pretrained` (or `path`) for the model `init_params` initialises (`importer`)."""
+    return importer(config, init_params, example_shape, path)()
 
 
 def config_overrides(path: str | Path, config: ml_collections.ConfigDict) -> dict:

@@ -81,7 +81,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         if objective.initial_params is not None:
             raise ConfigError(f"model.pretrained: training.objective={config.training.objective!r} starts from its "
                               "own weights (a teacher's, a previous flow's); leave model.pretrained None")
-        read_pretrained = convert.importer(config, jax.eval_shape(init_params, root_key), example_shape)
+        read_pretrained = convert.importer(config, init_params, example_shape)
     abstract = jax.eval_shape(create_state, objective.teacher, objective.initial_params)
     shardings = mesh_lib.state_shardings(abstract, tx, mesh, config.get("mesh"))
     teacher = None if objective.teacher is None else jax.device_put(objective.teacher, shardings.teacher)

@@ -202,7 +202,14 @@ def make_sample_fn(
     out_shardings = (sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     compiled = process_memo(lambda process: jax.jit(functools.partial(sample, process), out_shardings=out_shardings))
     classifier_params = None if classifier is None else classifier.params
-    return lambda params, key: compiled(bind_process(schedule, graphdef, params))(params, classifier_params, key)
+    bound: dict = {}  # a VDM's process, bound once per parameters (`generate` calls with the same ones per batch)
+
+    def sample_fn(params: nnx.State, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if bound.get("params") is not params:
+            bound.update(params=params, process=bind_process(schedule, graphdef, params))
+        return compiled(bound["process"])(params, classifier_params, key)
+
+    return sample_fn
 
 
 def sample_labels(batch_size: int, num_classes: int, num_samples: int) -> np.ndarray:
