@@ -8,12 +8,16 @@ A model's `cond` is a dict holding any of
     context       float [B, L, D]  a token sequence for cross-attention (e.g. saved CLIP/T5 outputs) ...
     context_mask  bool [B, L]      ... True at real tokens
     pooled        float [B, D]     one embedding added to the time embedding (GLIDE, unCLIP, Imagen, SDXL)
+    low_res       float [B, h, w, C]  a low-resolution image a super-resolution model is conditioned on (SR3) ...
+    low_res_noise float [B]        ... and the level of the noise it was augmented with (CDM; 0 = clean)
+    control       float [B, H, W, C_c]  a ControlNet's control image (edges, a coarse mask)
 
 or a bare int array, which means {'label': array} (the form class-conditional code has always
 used), or None (every entry null). Every entry has a null value, and `null` makes it: the null
 label, an all-False mask (an empty sequence, which the cross-attention reads as "no context"),
-a zero pooled embedding. So classifier-free guidance (`guidance.classifier_free`) and its
-training-time dropout (`drop`) are written once for labels, text and precomputed embeddings.
+a zero pooled embedding, zeros for the image entries. So classifier-free guidance
+(`guidance.classifier_free`) and its training-time dropout (`drop`) are written once for labels, text,
+precomputed embeddings and images.
 A whole condition is dropped together: an example is either fully conditional or fully null.
 """
 
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 
 Cond = dict[str, jax.Array] | jax.Array | None
 
-KEYS = ("label", "tokens", "token_mask", "context", "context_mask", "pooled")
+KEYS = ("label", "tokens", "token_mask", "context", "context_mask", "pooled", "low_res", "low_res_noise", "control")
 _MASK_OF = {"tokens": "token_mask", "context": "context_mask"}
 
 
@@ -54,7 +58,7 @@ def _null_entry(key: str, value: jax.Array, null_label: int | None) -> jax.Array
         return jnp.full_like(value, null_label)
     if key in ("token_mask", "context_mask"):
         return jnp.zeros_like(value)
-    if key == "pooled":
+    if key in ("pooled", "low_res", "low_res_noise", "control"):
         return jnp.zeros_like(value)
     return value  # tokens, context: masked out by their all-False masks
 
