@@ -17,7 +17,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (cross-attention to `cond['context']`: every attention block becomes LDM's SpatialTransformer,
   `transformer_depth` blocks deep), `pooled_dim`, and
   `text_encoder` (a dict of `width`, `depth`, `num_heads`; a transformer over `cond['tokens']` trained jointly,
-  whose vocabulary comes from `data.captions`).
+  whose vocabulary comes from `data.captions`); `low_res_size` (the U-Net as a super-resolution model, SR3: it is
+  conditioned on `cond['low_res']`, the image area-downsampled to this size, which must divide `data.image_size`;
+  None: off; `diffusion_jax.super_resolution`).
 - `diffusion`: `schedule` (linear | cosine | scaled_linear | sigmoid), `num_timesteps`,
   `prediction` (eps | x0 | v), `loss_weighting` (none | snr | truncated_snr | snr_plus_one | min_snr), `min_snr_gamma`,
   `loss` ('simple': Ho et al.'s L_simple; 'hybrid': improved DDPM's L_simple + vlb_weight * L_vlb; 'vlb': L_vlb
@@ -49,7 +51,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   makes the same network the unconditional model of classifier-free guidance; 0.1 as DiT), `grad_accum_steps`
   (microbatches whose gradients make one update; `batch_size` stays the global batch), `peak_flops` (FLOP/s
   of one device, for the model-FLOPs utilisation in the logs; None: measured with a matmul at start; 0: off),
-  `compilation_cache_dir` (JAX's persistent compilation cache, shared by runs; None: off).
+  `compilation_cache_dir` (JAX's persistent compilation cache, shared by runs; None: off), `low_res_noise_max`
+  (a super-resolution run, `model.low_res_size`: CDM's noise-conditioning augmentation, each example's low-res
+  image noised at a level s ~ U[0, low_res_noise_max] of the run's own forward process, s = 1 its whole length,
+  and the model told s; 0: SR3's clean conditioning).
 - `latent` (`diffusion_jax.latent`): `autoencoder_workdir` (a `training.objective='autoencode'` run: the
   model is trained and sampled on s * z, z ~ q(z|x) of its frozen autoencoder; None: pixel space),
   `scale_factor` s (None: LDM's 1/std of the first batch's latents, then stored with the run),
@@ -79,6 +84,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `training.ema_decays` is the target network θ⁻; None: θ under stop_gradient, as iCT).
 - `autoencode` (`training.objective='autoencode'`, `model.name='autoencoder_kl'`; `autoencoder_loss`):
   `kl_weight` (LDM 1e-6), `disc_start`, `disc_weight`, `rec_kind` ('l1' | 'l2'), `pixel_reduction`.
+- `controlnet` (`model.name='controlnet_unet'`, `models.controlnet`; `diffusion_jax.controlnet`): ControlNet
+  (Zhang et al. 2023): `base_workdir` (a trained diffusion run of this `model` less its control fields
+  `control_channels`, `hint_channels`, on this schedule: its `sample.ema_decay` parameters become the frozen
+  base and the initial trainable copy of its encoder), `control` (the control image made from each batch:
+  'edges', the thresholded Sobel gradient magnitude, or 'mask', the digit's coarse mask).
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
   (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params),
   `png_scale`, and the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
@@ -94,7 +104,19 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `classifier_workdir` (the workdir of a `training.objective='classify'` run: its config.json and newest
   checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol
   2021: p(x) p(y | x)^s; 1: the class-conditional distribution), Algorithm 1 under the 'ddpm' sampler and
-  Algorithm 2 under the others.
+  Algorithm 2 under the others. A ControlNet (`model.name='controlnet_unet'`) follows `control_image` (a .png, or
+  a samples .npz whose arr_0 is uint8 [N, H, W, C_c], used as the control; None: the `controlnet.control`
+  images of the test split's first digits). A super-resolution model (`model.low_res_size`) is conditioned on
+  `low_res_image` (a .png or a samples .npz of low-res images; None: the test split's images area-downsampled),
+  or with `low_res_workdir` on samples drawn from that stage-1 run (the cascade), at the augmentation level
+  `low_res_noise` (s in [0, 1]; see `training.low_res_noise_max`); `low_res_consistency` projects each x̂_0 onto
+  the low-res input (DDNM; with `low_res_noise` 0), so the area-downsampled output is the input.
+  Editing (`diffusion_jax.editing`): inpainting of `inpaint_image` ('test': the test split's images, or an
+  image file) where `inpaint_mask` (an image file, or 'box' | 'half' | 'strokes') is 0, by `inpaint_method`
+  'replace' (score_sde's imputation), 'repaint' (RePaint: `repaint_jump`, `repaint_resamples`) or
+  'conditional' (the conditional denoiser, `inpaint_cg_steps` CG iterations); SDEdit from `init_image` at
+  `t0` in (0, 1] (None: 1), or with `invert` its DDIM inversion under `source_label` (None: the test images'
+  labels) re-sampled under the sampled labels and guidance.
 - `eval` (`--mode=eval`, and during training every `eval.every` steps; see `diffusion_jax.evaluate`):
   `metrics`, any of 'vlb_bpd' (the VLB in bits/dim, all T terms), 'ode_bpd' (probability-flow ODE bits/dim),
   'fid', 'inception_score', 'kid' (FID Inception; need `inception_weights`), 'digits' (digits-FID, IS analogue
@@ -140,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_classes=placeholder(int),
             learn_sigma=False,
             pretrained=placeholder(str),
+            low_res_size=placeholder(int),
         )
     )
     config.diffusion = ml_collections.ConfigDict(
@@ -191,6 +214,7 @@ def base_config() -> ml_collections.ConfigDict:
             grad_accum_steps=1,
             peak_flops=placeholder(float),
             compilation_cache_dir="~/.cache/diffusion_jax/jax_cache",
+            low_res_noise_max=0.0,
         )
     )
     config.latent = ml_collections.ConfigDict(
@@ -216,6 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.autoencode = ml_collections.ConfigDict(
         dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")
     )
+    config.controlnet = ml_collections.ConfigDict(dict(base_workdir=placeholder(str), control="mask"))
     config.sample = ml_collections.ConfigDict(
         dict(
             sampler="ddpm",
@@ -253,6 +278,21 @@ def base_config() -> ml_collections.ConfigDict:
             max_steps=placeholder(int),
             sigmas=placeholder(tuple),
             sigma_min=placeholder(float),
+            low_res_image=placeholder(str),
+            low_res_workdir=placeholder(str),
+            low_res_noise=0.0,
+            low_res_consistency=False,
+            inpaint_image=placeholder(str),
+            inpaint_mask=placeholder(str),
+            inpaint_method="replace",
+            repaint_jump=10,
+            repaint_resamples=10,
+            inpaint_cg_steps=8,
+            init_image=placeholder(str),
+            t0=placeholder(float),
+            invert=False,
+            source_label=placeholder(int),
+            control_image=placeholder(str),
         )
     )
     config.eval = ml_collections.ConfigDict(

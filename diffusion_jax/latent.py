@@ -132,12 +132,12 @@ def scale_factor_from_data(
 
 
 def decoding(sample_fn: Callable, first_stage: FirstStage) -> Callable:
-    """`sample_fn(params, key) -> (latents, nfe)` made to return decoded images D(z / s) instead."""
+    """`sample_fn(params, key, inputs) -> (latents, nfe)` made to return decoded images D(z / s) instead."""
     first_stage._scale()  # a missing scale factor is a ConfigError now, not at the first sample
     decode = jax.jit(lambda params, z: first_stage._replace(params=params).decode(z))
 
-    def sample(params: nnx.State, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        latents, nfe = sample_fn(params, key)
+    def sample(params: nnx.State, key: jax.Array, inputs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+        latents, nfe = sample_fn(params, key, inputs)
         return decode(first_stage.params, latents), nfe
 
     return sample

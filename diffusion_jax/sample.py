@@ -6,10 +6,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from diffusion_jax import latent
+from diffusion_jax import editing, latent
 from diffusion_jax.training import experiment
 from diffusion_jax.training.checkpoint import Checkpointer
-from diffusion_jax.training.sampling import generate, save_samples
+from diffusion_jax.training.sampling import generate, save_edit_grid, save_samples
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path, Path]:
@@ -17,7 +17,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
 
     Writes `<workdir>/samples/samples_<step>.png` and `.npz`; returns their paths.
     A workdir with no checkpoint runs `model.pretrained` (step 0), or without one is a `ConfigError`
-    naming --workdir.
+    naming --workdir. Edits and conditioning images (`editing.sample_inputs`: inpainting, SDEdit, DDIM
+    inversion, a super-resolution model's low-res images, ControlNet's controls) are made for all
+    `sample.num_samples` at once; with `sample.low_res_workdir` the low-res images are that stage-1 run's
+    samples, so a cascade is one command. An edited or conditioned run also writes `edits_<step>.png`: rows of
+    input | (mask |) output for the first 8 examples (`training.sampling.edit_panels`).
     """
     latent.adopt_saved_scale_factor(config, workdir)  # a latent run's, as training computed it
     exp = experiment.build(config)
@@ -26,7 +30,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
     step = int(state.step)
     logging.info("Sampling %d with %s from step %d", config.sample.num_samples, config.sample.sampler, step)
     key = jax.random.fold_in(jax.random.fold_in(exp.root_key, 3), step)
-    samples, nfe = generate(exp.sample_fn, experiment.sampling_params(config, state), key, config.sample.num_samples)
+    num = config.sample.num_samples
+    inputs = editing.sample_inputs(config, exp.example_shape, num, key=jax.random.fold_in(key, 1))
+    samples, nfe = generate(exp.sample_fn, experiment.sampling_params(config, state), key, num, inputs or None,
+                            config.sample.batch_size)
     logging.info("%s used %d network evaluations per sample", config.sample.sampler, nfe)
     checkpointer.close()
     directory = Path(workdir) / "samples"
@@ -34,4 +41,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
         return directory / f"samples_{step}.png", directory / f"samples_{step}.npz"
     paths = save_samples(directory, step, samples, scale=config.sample.png_scale)
     logging.info("Wrote %s and %s", *paths)
+    if inputs:
+        logging.info("Wrote %s", save_edit_grid(directory, step, inputs, samples, scale=config.sample.png_scale))
     return paths

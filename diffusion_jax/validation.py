@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
+from diffusion_jax.editing import INPAINT_METHODS
 from diffusion_jax.errors import ConfigError
 
 Check = Callable[[Any], bool]
@@ -139,6 +140,27 @@ RULES: tuple[Rule, ...] = (
         "None or the workdir of a training.objective='classify' run", optional=True,
     ),
     Rule("sample.classifier_scale", _real(0.0), "a float >= 0", optional=True),
+    Rule("controlnet.control", lambda v: v in ("edges", "mask"), "'edges' or 'mask'", optional=True),
+    Rule("model.hint_channels", _int(1), "a positive int", optional=True),
+    Rule("sample.control_image", _optional(lambda v: isinstance(v, str) and bool(v)),
+         "None (the test split's controls) or a .png / .npz path", optional=True),
+    Rule("model.low_res_size", _optional(_int(1)), "None or a positive int dividing data.image_size", optional=True),
+    Rule("training.low_res_noise_max", _UNIT, "a float in [0, 1) (0: no augmentation)", optional=True),
+    Rule("sample.low_res_noise", _UNIT, "a float in [0, 1) (0: the clean low-res image)", optional=True),
+    Rule("sample.low_res_image", _optional(lambda v: isinstance(v, str) and bool(v)), "None or a .png or .npz path",
+         optional=True),
+    Rule("sample.low_res_workdir", _optional(lambda v: isinstance(v, str) and bool(v)),
+         "None or the workdir of a stage-1 diffusion run", optional=True),
+    Rule("sample.inpaint_method", lambda v: v in INPAINT_METHODS, f"one of: {', '.join(INPAINT_METHODS)}",
+         optional=True),
+    Rule("sample.repaint_jump", _int(1), "an int >= 1", optional=True),
+    Rule("sample.repaint_resamples", _int(1), "an int >= 1 (1: plain replacement)", optional=True),
+    Rule("sample.inpaint_cg_steps", _int(1), "an int >= 1", optional=True),
+    Rule("sample.t0", _optional(lambda v: _is_real(v) and 0.0 < v <= 1.0),
+         "None or SDEdit's start, a fraction of the process in (0, 1]", optional=True),
+    Rule("sample.invert", _is_bool, "True or False", optional=True),
+    Rule("sample.source_label", _optional(_int(0)), "None (the images' own labels) or a class index", optional=True),
+    Rule("sample.low_res_consistency", _is_bool, "True or False", optional=True),
     Rule(
         "eval.metrics", _seq(lambda v: v in EVAL_METRICS), f"a tuple of: {', '.join(EVAL_METRICS)}", optional=True
     ),
@@ -214,6 +236,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     if steps is not None and steps > num_timesteps:
         raise ConfigError(f"sample.steps: got {steps}; expected at most diffusion.num_timesteps={num_timesteps}")
     _check_objective(config)
+    from diffusion_jax.controlnet import check_config  # a ControlNet run's own fields
+
+    check_config(config)
+    _check_super_resolution(config)
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:
@@ -240,3 +266,22 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
         )
     if classify and not (_is_int(num_classes) and num_classes >= 2):
         raise ConfigError(f"model.num_classes: got {num_classes!r}; training.objective='classify' needs an int >= 2")
+
+
+def _check_super_resolution(config: ml_collections.ConfigDict) -> None:
+    """A super-resolution model (`model.low_res_size`, SR3) is a U-Net whose input divides the image size; it is
+    conditioned on a given low-res image or on a stage-1 run's samples, not both."""
+    size = _get(config, "model.low_res_size")
+    if size is None or size is _MISSING:
+        return
+    image_size, name = config.data.image_size, _get(config, "model.name")
+    if name != "unet":
+        raise ConfigError(f"model.low_res_size: set on model.name={name!r}; only the 'unet' is built as a "
+                          "super-resolution model")
+    if not (size < image_size and image_size % size == 0):
+        raise ConfigError(f"model.low_res_size: got {size}; a super-resolution model's input must be smaller than "
+                          f"data.image_size={image_size} and divide it, e.g. {image_size // 2}")
+    if _get(config, "sample.low_res_image") not in (None, _MISSING) and _get(
+            config, "sample.low_res_workdir") not in (None, _MISSING):
+        raise ConfigError("sample.low_res_image: set together with sample.low_res_workdir; condition on a given "
+                          "image or on the stage-1 run's samples, not both")

@@ -13,7 +13,7 @@ from diffusion_jax.training.setup import build_model, build_process, check_confi
 
 @pytest.mark.parametrize(
     "name", ["ddpm_cifar", "iddpm_cifar", "ddpm_digits", "cfg_digits", "dit_digits", "ddpm_swissroll", "ae_digits",
-             "edm_digits", "edm_cifar", "ict_cifar"]
+             "edm_digits", "edm_cifar", "ict_cifar", "controlnet_digits"]
 )
 def test_config_builds_abstractly(name):
     config = load_config(name)

@@ -1,5 +1,7 @@
 """The offline digits metric: the shipped classifier, digits-FID, the Inception-Score analogue and class accuracy."""
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -196,3 +198,12 @@ def test_bad_labels_and_weights_files_are_rejected(evaluator, test_split, tmp_pa
     np.savez(old, version=np.asarray("digits-cnn-0"))
     with pytest.raises(ValueError, match="weights version 'digits-cnn-0'.*train_digits_classifier"):
         digits.DigitsEvaluator.load(old)
+
+
+def test_the_command_scores_sample_files(evaluator, digits_data_dir, tmp_path, capsys):
+    images, _ = pipeline_split(digits_data_dir, "test", 16)
+    np.savez(tmp_path / "samples_1.npz", arr_0=images)
+    digits.main([str(tmp_path / "samples_1.npz")])
+    line = json.loads(capsys.readouterr().out)
+    assert line["num_samples"] == len(images) and line["classifier"] == digits.VERSION
+    assert line["digits_fid"] == pytest.approx(evaluator.fid(images))

@@ -162,11 +162,11 @@ def test_state_is_params_only(cond_unet):
 
 
 def test_unknown_model_name():
-    names = r"DiT-B/2, .*, autoencoder_kl, classifier, dit, mlp, unet"
+    names = r"DiT-B/2, .*, autoencoder_kl, classifier, controlnet_unet, dit, mlp, unet"
     with pytest.raises(ConfigError, match=rf"model\.name: unknown model 'x'; choose one of: {names}"):
         models.create("x", rngs=nnx.Rngs(0))
     dits = [f"DiT-{size}/{patch}" for size in ("B", "L", "S", "XL") for patch in (2, 4, 8)]
-    assert models.names() == [*dits, "autoencoder_kl", "classifier", "dit", "mlp", "unet"]
+    assert models.names() == [*dits, "autoencoder_kl", "classifier", "controlnet_unet", "dit", "mlp", "unet"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from conftest import tiny_digits_config
+from PIL import Image
 from test_training import run_main
 
 import diffusion_jax as dj
@@ -84,3 +85,58 @@ def test_cli_selects_sampler_steps_and_guidance(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # log-SNR spacing rounds 20 levels to this T = 100 schedule's timesteps; two coincide and are dropped.
     assert "dpm_solver++ used 18 network evaluations per sample" in result.stderr, result.stderr[-2000:]
+
+
+def test_sample_mode_inpaints_with_repaint_keeping_the_known_pixels(trained):
+    from diffusion_jax import editing
+    from diffusion_jax.data import load_split
+
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.sample.update(sampler="ddpm", steps=6, num_samples=8, batch_size=8, inpaint_image="test",
+                         inpaint_mask="box", inpaint_method="repaint", repaint_jump=2, repaint_resamples=2)
+    _, npz = sample(config, workdir)
+    images, known = np.load(npz)["arr_0"], load_split(config.data, "test")[0][:8]
+    mask = editing.make_mask("box", images.shape[1:], 8) == 1
+    np.testing.assert_array_equal(images[mask], known[mask])
+    assert np.any(images[~mask] != known[~mask])
+    edits = Image.open(npz.parent / "edits_2.png")  # rows of input | mask | output
+    assert edits.size == (3 * 9 + 1, 8 * 9 + 1)
+
+
+def test_sample_mode_sdedit_from_a_small_t0_stays_near_the_image_and_inversion_runs(trained):
+    from diffusion_jax.data import load_split
+
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.sample.update(sampler="ddim", steps=4, num_samples=8, batch_size=8, init_image="test", t0=0.05)
+    _, npz = sample(config, workdir)
+    images, init = np.load(npz)["arr_0"].astype(float), load_split(config.data, "test")[0][:8].astype(float)
+    assert np.abs(images - init).mean() < 8  # uint8 levels: the 2-step model barely moves a barely noised image
+    config.sample.update(t0=0.5, invert=True, guidance_scale=2.0)
+    _, npz = sample(config, workdir)
+    assert np.load(npz)["arr_0"].shape == (8, 8, 8, 1)
+
+
+def test_editing_options_fail_with_one_line_errors(trained, tmp_path):
+    from diffusion_jax import editing
+
+    config, workdir = trained
+    np.savez(tmp_path / "mask.npz", arr_0=np.ones((16, 16), np.uint8))
+    cases = [
+        (dict(inpaint_image="test", inpaint_mask=str(tmp_path / "mask.npz")), r"sample.inpaint_mask: .* is \(16, 16\)"),
+        (dict(inpaint_image="test", inpaint_mask="box", inpaint_method="blend"), "sample.inpaint_method: unknown"),
+        (dict(inpaint_image="test"), "sample.inpaint_mask: inpainting needs both"),
+        (dict(init_image="test", t0=1.5), r"sample.t0: got 1.5; .*\(0, 1\]"),
+        (dict(t0=0.5), "sample.t0: SDEdit and DDIM inversion edit an image; set sample.init_image"),
+        (dict(init_image="test", sampler="ode"), "sample.sampler: 'ode' .* takes no chain edits"),
+    ]
+    for n, (fields, message) in enumerate(cases):
+        edited = config.copy_and_resolve_references()
+        edited.sample.update(num_samples=8, batch_size=8, **fields)
+        with pytest.raises(ConfigError, match=message):
+            if n == 0:  # through sample mode, before anything is drawn
+                sample(edited, workdir)
+            else:  # what sample mode checks first: the options, then the images
+                editing.EditOptions.from_config(edited.sample, {})
+                editing.sample_inputs(edited, (8, 8, 1), 8)

@@ -342,3 +342,25 @@ def digits_inception_score(images: np.ndarray | jax.Array, num_splits: int = 1) 
 def class_accuracy(images: np.ndarray | jax.Array, labels: np.ndarray | jax.Array) -> float:
     """The fraction of images [N, S, S, 1] that the shipped classifier assigns to their `labels` [N]."""
     return default_evaluator().class_accuracy(images, labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m diffusion_jax.metrics.digits FILE.npz ...`: one JSON line per file of samples (`arr_0` uint8
+    [N, S, S, 1], as `samples_<step>.npz`) with its digits-FID, IS analogue and class entropy at its N, e.g.
+    for samples that eval mode does not draw itself, such as a cascade's (`sample.low_res_workdir`)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("files", nargs="+")
+    evaluator = default_evaluator()
+    for path in parser.parse_args(argv).files:
+        with np.load(path) as archive:
+            images = archive["arr_0"]
+        print(json.dumps({"file": path, "num_samples": len(images), "classifier": VERSION,
+                          "digits_fid": evaluator.fid(images), "digits_is": evaluator.inception_score(images),
+                          "digits_class_entropy": evaluator.class_entropy(images)}))
+
+
+if __name__ == "__main__":
+    main()

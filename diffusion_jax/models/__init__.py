@@ -14,6 +14,7 @@ from flax import nnx
 
 from diffusion_jax.models import dit, layers
 from diffusion_jax.models.classifier import EncoderUNet
+from diffusion_jax.models.controlnet import ControlledUNet
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.first_stage import FirstStage
 from diffusion_jax.models.mlp import MLP
@@ -25,6 +26,7 @@ from diffusion_jax.registry import Registry
 MODELS: Registry[Callable[..., nnx.Module]] = Registry("model", "model.name")
 MODELS.register("autoencoder_kl")(FirstStage)  # training.objective='autoencode'
 MODELS.register("classifier")(EncoderUNet)
+MODELS.register("controlnet_unet")(ControlledUNet)  # a frozen U-Net steered by a ControlNet
 MODELS.register("dit")(DiT)
 for _name in dit.VARIANTS:  # 'DiT-S/2' ... 'DiT-XL/8', the paper's Table 4
     MODELS.register(_name)(dit.variant(_name))
@@ -55,6 +57,6 @@ def count_params(make: Callable[[], nnx.Module]) -> int:
 
 
 __all__ = [
-    "MLP", "MODELS", "DiT", "EncoderUNet", "FirstStage", "Preconditioned", "UNet", "VDMNetwork", "count_params",
-    "create", "dit", "layers", "names",
+    "MLP", "MODELS", "ControlledUNet", "DiT", "EncoderUNet", "FirstStage", "Preconditioned", "UNet", "VDMNetwork",
+    "count_params", "create", "dit", "layers", "names",
 ]

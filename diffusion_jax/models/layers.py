@@ -121,7 +121,10 @@ class LabelEmbedder(nnx.Module):
 class ConditionEmbedder(nnx.Module):
     """The conditioning vector of ADM (Dhariwal & Nichol 2021): emb = temb(t) + label_emb(y),
     plus, with `pooled_dim`, a linear map of a pooled text embedding (GLIDE, Nichol et al. 2022,
-    arXiv 2112.10741, §2.3; unCLIP, Imagen and SDXL add theirs the same way).
+    arXiv 2112.10741, §2.3; unCLIP, Imagen and SDXL add theirs the same way), and with `low_res_noise` a second
+    timestep embedding of a super-resolution model's conditioning-augmentation level s ∈ [0, 1] (CDM, Ho et al.
+    2021, arXiv 2106.15282, §4.3: the model is told how noisy its low-resolution input is), of 1000 s so that it
+    spans the frequencies the timestep embedding was designed for.
 
     Without `num_classes` the model is unconditional and rejects labels; without `pooled_dim`
     it rejects a pooled embedding. A missing entry is the null condition (`diffusion_jax.conditioning`).
@@ -135,12 +138,14 @@ class ConditionEmbedder(nnx.Module):
         *,
         pooled_dim: int | None = None,
         freq_shift: float = 0.0,
+        low_res_noise: bool = False,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
         self.time = TimestepEmbedder(dim, emb_dim, freq_shift=freq_shift, rngs=rngs, dtype=dtype)
         self.label = None if num_classes is None else LabelEmbedder(num_classes, emb_dim, rngs=rngs, dtype=dtype)
         self.pooled = None if pooled_dim is None else linear(pooled_dim, emb_dim, rngs=rngs, dtype=dtype)
+        self.low_res_noise = TimestepEmbedder(dim, emb_dim, rngs=rngs, dtype=dtype) if low_res_noise else None
 
     def __call__(self, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
         """[B] timesteps and a condition (labels [B], a dict with 'label' and 'pooled' [B, D], or None)
@@ -150,6 +155,8 @@ class ConditionEmbedder(nnx.Module):
             raise ValueError("cond: class labels were given to a model built without model.num_classes")
         if self.pooled is None and "pooled" in entries:
             raise ValueError("cond: a pooled embedding was given to a model built without model.pooled_dim")
+        if self.low_res_noise is None and ("low_res" in entries or "low_res_noise" in entries):
+            raise ValueError("cond: a low-resolution image was given to a model built without model.low_res_size")
         emb = self.time(t)  # [B, emb_dim]
         if self.label is not None:
             emb = emb + self.label(entries.get("label"), t.shape[0])
@@ -158,4 +165,7 @@ class ConditionEmbedder(nnx.Module):
             if pooled is None:
                 pooled = jnp.zeros((t.shape[0], self.pooled.in_features), emb.dtype)
             emb = emb + self.pooled(pooled)
+        if self.low_res_noise is not None:  # a missing level is the null one, 0: a clean low-resolution image
+            level = entries.get("low_res_noise", jnp.zeros((t.shape[0],), jnp.float32))  # [B]
+            emb = emb + self.low_res_noise(1000.0 * level)
         return emb

@@ -371,11 +371,17 @@ class Encoder(nnx.Module):
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
         time_freq_shift: float = 0.0,
+        low_res_size: int | None = None,
     ) -> list[int]:
         """Builds the encoder; returns the widths of the activations a decoder concatenates."""
         ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
+        if low_res_size is not None and not (0 < low_res_size < blocks.image_size
+                                             and blocks.image_size % low_res_size == 0):
+            raise ConfigError(f"model.low_res_size: got {low_res_size}; a super-resolution model's input must be "
+                              f"smaller than data.image_size={blocks.image_size} and divide it")
         self.image_size = blocks.image_size
         self.in_channels = in_channels
+        self.low_res_size = low_res_size
         self.text_encoder = (
             None if text_encoder is None
             else build_text_encoder(text_encoder, blocks.context_dim, rngs=rngs, dtype=dtype)
@@ -383,8 +389,10 @@ class Encoder(nnx.Module):
         if self.text_encoder is not None:
             pooled_dim = self.text_encoder.width  # its pooled output joins the time embedding
         self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, pooled_dim=pooled_dim,
-                                      freq_shift=time_freq_shift, rngs=rngs, dtype=dtype)
-        self.conv_in = _conv3x3(in_channels, ch, rngs=rngs, dtype=dtype)
+                                      freq_shift=time_freq_shift, low_res_noise=low_res_size is not None,
+                                      rngs=rngs, dtype=dtype)
+        low_res_channels = 0 if low_res_size is None else in_channels  # SR3: [x_t, upsampled low-res image]
+        self.conv_in = _conv3x3(in_channels + low_res_channels, ch, rngs=rngs, dtype=dtype)
 
         skip_chans = [ch]  # widths of the activations the up path will concatenate
         cur = ch
@@ -416,6 +424,8 @@ class Encoder(nnx.Module):
             raise ValueError(f"x: {type(self).__name__} expects [B, {', '.join(map(str, expected))}], got {x.shape}")
         cond, context = split_condition(cond, self.text_encoder)
         emb = self.cond(t, cond)  # [B, 4ch]
+        if self.low_res_size is not None:
+            x = jnp.concatenate([x, self._upsampled_low_res(cond.get("low_res"), x)], axis=-1)  # [B, H, W, 2C]
         h = self.conv_in(x)  # [B, H, W, ch]
         hs = [h]
         for level in self.down:
@@ -429,6 +439,19 @@ class Encoder(nnx.Module):
         h = _attend(self.mid_attn, h, context)
         h = self.mid_block2(h, emb, train, rngs)
         return h, hs, emb, context
+
+    def _upsampled_low_res(self, low_res: jax.Array | None, x: jax.Array) -> jax.Array:
+        """SR3's conditioning input (Saharia et al. 2021, arXiv 2104.07636, §2.4): the low-resolution image
+        low_res [B, s, s, C] (None: the null condition, zeros) upsampled bicubically, as SR3 does, to x's
+        [B, H, W, C] (`jax.image.resize`, Keys' cubic a = -0.5), for concatenation with x_t."""
+        b, h, w, c = x.shape
+        expected = (b, self.low_res_size, self.low_res_size, c)
+        if low_res is None:
+            low_res = jnp.zeros(expected, x.dtype)
+        if low_res.shape != expected:
+            raise ValueError(f"cond['low_res']: model.low_res_size={self.low_res_size} expects {list(expected)}, "
+                             f"got {list(low_res.shape)}")
+        return jax.image.resize(low_res.astype(x.dtype), (b, h, w, c), method="bicubic")
 
 
 class UNet(Encoder):
@@ -478,6 +501,10 @@ class UNet(Encoder):
         text_encoder: a jointly trained `models.text.TextEncoder` of `cond['tokens']`: a dict of
             its `vocab_size`, `max_len`, `width`, `depth`, `num_heads`; its context feeds the
             cross-attention (context_dim = width) and its pooled output the time embedding.
+        low_res_size: a super-resolution model (SR3, Saharia et al. 2021): `cond['low_res']` [B, s, s, C],
+            s = low_res_size, upsampled bicubically to image_size is concatenated to x before conv_in
+            (which takes 2C channels), and `cond['low_res_noise']` [B], its augmentation level (CDM), joins the
+            time embedding (`layers.ConditionEmbedder`). None: off.
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
@@ -512,6 +539,7 @@ class UNet(Encoder):
         time_freq_shift: float = 0.0,
         norm_eps: float = 1e-6,
         downsample_padding: int | None = None,
+        low_res_size: int | None = None,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
@@ -520,7 +548,8 @@ class UNet(Encoder):
             use_scale_shift_norm, resblock_updown, rngs=rngs, dtype=dtype, remat=remat, context_dim=context_dim,
             transformer_depth=transformer_depth, norm_eps=norm_eps, downsample_padding=downsample_padding,
         )
-        skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift)
+        skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift,
+                                         low_res_size)
 
         cur = ch * blocks.ch_mult[-1]
         up = []
@@ -561,10 +590,18 @@ class UNet(Encoder):
             [B, H, W, C], or [B, H, W, 2C] with learn_sigma (mean output, then variance output).
         """
         h, hs, emb, context = self._encode(x, t, cond, train, rngs)
+        return self._decode(h, hs, emb, context, train, rngs).astype(x.dtype)
+
+    def _decode(
+        self, h: jax.Array, hs: list[jax.Array], emb: jax.Array, context: Context, train: bool,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        """The up path and the output head: the middle output h and the skip activations hs of `_encode`
+        (consumed last first; a ControlNet adds its residuals to both first, `models.controlnet`)
+        -> [B, H, W, C or 2C]."""
         for level in self.up:
             for stage in level.stages:
                 h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs, context)
             if level.resample is not None:
                 h = level.resample(h, emb, train, rngs)
-        h = self.conv_out(nnx.silu(self.norm_out(h)))  # [B, H, W, C or 2C]
-        return h.astype(x.dtype)
+        return self.conv_out(nnx.silu(self.norm_out(h)))  # [B, H, W, C or 2C]

@@ -7,7 +7,7 @@ import numpy as np
 
 from diffusion_jax import diffusion, sde
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, Landing, SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseLevels, NoiseProcess, denoiser, f32, noise_levels
 
 
@@ -25,6 +25,7 @@ def consistency_sample(
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Algorithm 1: x ← f(x_T, T); then for each chosen level τ, from the noisiest down,
     x_τ = α_τ x + sqrt(σ_τ² - α_τ² σ_min²) z and x ← f(x_τ, τ). NFE = the number of levels.
@@ -50,8 +51,9 @@ def consistency_sample(
         noised = alpha[i] * x + renoise[i] * jax.random.normal(key, x.shape, x.dtype)
         return denoise(jnp.where(i == top, x, noised), i).x0, None
 
+    clean = Landing(np.ones(levels.num), np.zeros(levels.num))  # every step returns a clean estimate
     return run_chain(step, x_T, key, levels.num, nfe=levels.num, return_info=return_info,
-                     return_trajectory=return_trajectory)
+                     return_trajectory=return_trajectory, levels=levels, landing=clean, edit=edit)
 
 
 def _levels(schedule: NoiseProcess, steps: int, spacing: str, sigmas: tuple[float, ...] | None) -> NoiseLevels:

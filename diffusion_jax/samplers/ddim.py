@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion
-from diffusion_jax.samplers.chain import SampleInfo, result, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, SampleInfo, result, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels, posterior_variance
 
 
@@ -22,6 +22,7 @@ def ddim_sample(
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Generalised (eta) DDIM sampling, Song et al. Eq. 12 on the sub-sequence tau (§4.2):
 
@@ -48,7 +49,8 @@ def ddim_sample(
         return x_prev + c[i] * jax.random.normal(key, x.shape, x.dtype), None
 
     return run_chain(
-        step, x_T, key, levels.num, nfe=levels.num, return_info=return_info, return_trajectory=return_trajectory
+        step, x_T, key, levels.num, nfe=levels.num, return_info=return_info, return_trajectory=return_trajectory,
+        levels=levels, edit=edit,
     )
 
 

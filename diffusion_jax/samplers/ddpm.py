@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, f32, noise_levels, posterior, posterior_variance
 from diffusion_jax.vlb import check_variance, learned_log_variance
 
@@ -30,6 +30,7 @@ def ddpm_sample(
     cond_fn: CondFn | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Samples x_0 ~ p_theta by ancestral sampling, x_{t-1} ~ N(mu_theta(x_t, t), s_t^2 I).
 
@@ -73,5 +74,6 @@ def ddpm_sample(
         return mean + jnp.sqrt(var) * jax.random.normal(key, x.shape, x.dtype), None
 
     return run_chain(
-        step, x_T, key, levels.num, nfe=levels.num, return_info=return_info, return_trajectory=return_trajectory
+        step, x_T, key, levels.num, nfe=levels.num, return_info=return_info, return_trajectory=return_trajectory,
+        levels=levels, edit=edit,
     )

@@ -6,7 +6,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels
 
 ORDERS = (1, 2, 3)
@@ -59,6 +59,7 @@ def dpm_solver_pp_sample(
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Samples with DPM-Solver++(1/2/3M), the data-prediction multistep ODE solver.
 
@@ -119,4 +120,6 @@ def dpm_solver_pp_sample(
         return_info=return_info,
         return_trajectory=return_trajectory,
         state=history,
+        levels=levels,
+        edit=edit,
     )

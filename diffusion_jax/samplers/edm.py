@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import diffusion
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, f32, noise_levels
 from diffusion_jax.schedules import Schedule
 
@@ -54,6 +54,7 @@ def edm_sample(
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Integrates EDM's probability-flow ODE dx~/ds = (x~ - D(x~; s)) / s (their Eq. 3 with
     sigma(t) = t) in the variance-exploding scale x~ = x / alpha, s = sigma / alpha.
@@ -103,5 +104,6 @@ def edm_sample(
 
     nfe = 2 * num_steps - 1 if solver == "heun" else num_steps
     return run_chain(
-        step, x_T, key, num_steps, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory
+        step, x_T, key, num_steps, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory,
+        levels=levels, edit=edit,
     )

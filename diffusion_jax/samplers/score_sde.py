@@ -11,7 +11,7 @@ import numpy as np
 
 from diffusion_jax import diffusion, sde
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.samplers.chain import SampleInfo, run_chain
+from diffusion_jax.samplers.chain import ChainEdit, SampleInfo, run_chain
 from diffusion_jax.samplers.levels import NoiseProcess, denoiser, f32, noise_levels, transition
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
@@ -39,6 +39,7 @@ def pc_sample(
     clip_x0: float | None = None,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1; Algorithms 4 and 5 for VE and VP).
 
@@ -94,7 +95,8 @@ def pc_sample(
 
     nfe = levels.num * (n_corrector + (predictor != "none"))
     return run_chain(
-        step, x_T, key, levels.num, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory
+        step, x_T, key, levels.num, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory,
+        levels=levels, edit=edit,
     )
 
 
@@ -112,6 +114,7 @@ def annealed_langevin_sample(
     denoise_final: bool = True,
     return_info: bool = False,
     return_trajectory: bool = False,
+    edit: ChainEdit | None = None,
 ) -> jax.Array | tuple[jax.Array, SampleInfo]:
     """NCSN's annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1).
 
@@ -149,5 +152,6 @@ def annealed_langevin_sample(
 
     nfe = levels.num * n_steps_each + int(denoise_final)
     return run_chain(
-        step, x_T, key, levels.num, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory
+        step, x_T, key, levels.num, nfe=nfe, return_info=return_info, return_trajectory=return_trajectory,
+        levels=levels, edit=edit,
     )

@@ -11,7 +11,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import convert, data, latent, loading, objectives, vlb
+from diffusion_jax import controlnet, convert, data, latent, loading, objectives, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.training import mesh as mesh_lib
@@ -65,7 +65,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     objective = objectives.build(config, graphdef, schedule, example_shape)  # a teacher is loaded here
     batch_sharding = mesh_lib.batch_sharding(mesh)
     horizon = objective.lr_horizon or config.training.num_steps  # an objective may restart the optimiser
-    tx = optimizer.make_optimizer(config.optim, horizon)
+    tx = optimizer.make_optimizer(config.optim, horizon, controlnet.frozen(config))  # a ControlNet's base: frozen
     base_lr = optimizer.learning_rate_schedule(config.optim, horizon)
     importance = config.diffusion.get("timestep_sampling", "uniform") == "importance"
 
@@ -76,7 +76,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
                                 teacher)
 
-    read_pretrained = None
+    read_pretrained = controlnet.initializer(config, init_params, schedule, example_shape)  # its base, or None
     if config.model.get("pretrained") is not None:  # a PyTorch / diffusers checkpoint: checked now, read at init
         if objective.initial_params is not None:
             raise ConfigError(f"model.pretrained: training.objective={config.training.objective!r} starts from its "

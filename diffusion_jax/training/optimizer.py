@@ -1,5 +1,9 @@
 """The optimiser from `config.optim`: Adam/AdamW, linear warmup, grad-norm clipping."""
 
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -27,8 +31,13 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm(optim.grad_clip_norm) followed by Adam or AdamW."""
+def make_optimizer(
+    optim: ml_collections.ConfigDict, num_steps: int, frozen: Sequence[str] = ()
+) -> optax.GradientTransformation:
+    """clip_by_global_norm(optim.grad_clip_norm) followed by Adam or AdamW, on every parameter but those under
+    the top-level collections `frozen` (a ControlNet's 'base'), whose gradients are zeroed before the clipping
+    norm and whose updates after AdamW's weight decay: they stay bit-identical. (Their Adam moments stay zero;
+    optax's masks would save them but leave state trees that `mesh.state_shardings` cannot follow.)"""
     lr = learning_rate_schedule(optim, num_steps)
     if optim.name == "adam":
         opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
@@ -37,5 +46,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     else:
         raise ConfigError(f"optim.name: unknown optimizer {optim.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if optim.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
-    return opt
+        opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
+    if not frozen:
+        return opt
+
+    def zero_frozen(updates: optax.Updates, params: optax.Params | None = None) -> optax.Updates:
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: jnp.zeros_like(u) if path[0].key in frozen else u,
+                                                updates)
+
+    return optax.chain(optax.stateless(zero_frozen), opt, optax.stateless(zero_frozen))

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from diffusion_jax import conditioning, distributed, guidance, sde
+from diffusion_jax import conditioning, distributed, editing, guidance, sde
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.loading import load
@@ -34,8 +34,10 @@ from diffusion_jax.training.setup import (
     sampler_from_config,
 )
 
-# (params, key) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used)
-SampleFn = Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]
+# (params, key, inputs) -> (x_0 [B, ...], NFE: int32 [] network evaluations the sampler used); `inputs`
+# (`editing.sample_inputs`, [B, ...] each, or None for the function's own) are what an edit or a conditioning
+# image needs.
+SampleFn = Callable[[nnx.State, jax.Array, dict[str, np.ndarray] | None], tuple[jax.Array, jax.Array]]
 
 
 class Classifier(NamedTuple):
@@ -80,7 +82,7 @@ def load_classifier(
     return Classifier(loaded.graphdef, loaded.params, int(cls_config.model.num_classes))
 
 
-def _no_samples(params: nnx.State, key: jax.Array) -> jax.Array:
+def _no_samples(params: nnx.State, key: jax.Array, inputs: dict | None = None) -> jax.Array:
     raise ConfigError(
         "training.objective: a 'classify' run trains a noise-aware classifier and draws no samples; "
         "use its workdir as sample.classifier_workdir of a diffusion run"
@@ -96,7 +98,7 @@ def _reconstruction_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
     images, _ = load_split(config.data, "test")
     held_out = jnp.asarray(images[:half].astype(np.float32) / 127.5 - 1.0)  # [B/2, H, W, C]
 
-    def reconstruct(params: nnx.State, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def reconstruct(params: nnx.State, key: jax.Array, inputs: dict | None = None) -> tuple[jax.Array, jax.Array]:
         x_rec, _ = nnx.merge(graphdef, params).autoencoder(held_out, sample_posterior=False)
         pairs = jnp.stack([held_out, jnp.clip(x_rec, -1.0, 1.0)], axis=1).reshape(2 * half, *held_out.shape[1:])
         return pairs, jnp.ones((), jnp.int32)
@@ -162,24 +164,38 @@ def make_sample_fn(
             {} if model_cond is None else {"label": model_cond}
         )
 
+    default_inputs = editing.sample_inputs(config, example_shape, batch_size)
+    edits = editing.EditOptions.from_config(config.sample, options)
+
     def sample(
-        schedule: Process, params: nnx.State, classifier_params: nnx.State | None, key: jax.Array
+        schedule: Process, params: nnx.State, classifier_params: nnx.State | None, key: jax.Array,
+        inputs: dict[str, jax.Array],
     ) -> tuple[jax.Array, jax.Array]:
         noise_key, chain_key = jax.random.split(key)
-        x_T = sde.as_process(schedule).prior_sample(noise_key, (batch_size, *example_shape))  # EDM: N(0, σ_max² I)
+        process = schedule  # with sample.t0, already cut there (`sample_fn`)
+        if "init" in inputs:  # the edit noises the image itself: standard normal noise
+            x_T = jax.random.normal(noise_key, (batch_size, *example_shape))
+        else:
+            x_T = sde.as_process(schedule).prior_sample(noise_key, (batch_size, *example_shape))  # EDM: N(0, σ_max² I)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding)
+        cond = editing.with_inputs(model_cond, inputs)  # super-resolution's and ControlNet's images
 
         def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
             return output(model_apply(graphdef, params, x_t, t, cond))
 
         if guidance_scale is not None and guidance_scale != 1.0:
             model_fn = guidance.classifier_free(
-                network, model_cond, num_classes, guidance_scale - 1.0, channels=guided_channels
+                network, cond, num_classes, guidance_scale - 1.0, channels=guided_channels
             )
         else:
 
             def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return network(x_t, t, model_cond)
+                return network(x_t, t, cond)
+
+        if edits.invert:  # DDIM inversion under the source labels, then sampling under the target ones
+            source = editing.source_condition(cond, inputs)
+            x_T = edits.invert_fn(lambda x_t, t: network(x_t, t, source), process, inputs["init"],
+                                  config.diffusion.prediction)
 
         sampler_options = options
         if classifier is not None:
@@ -193,8 +209,11 @@ def make_sample_fn(
             else:  # Algorithm 2: eps - sigma_t * grad on the denoiser
                 model_fn = guidance.classifier_guided(model_fn, grad_fn, schedule, config.diffusion.prediction)
 
+        model_fn, edit = edits.apply(model_fn, process, config.diffusion.prediction, inputs)
+        if edit is not None:
+            sampler_options = {**sampler_options, "edit": edit}
         x0, info = sampler(
-            model_fn, schedule, chain_key, x_T, prediction=config.diffusion.prediction, return_info=True,
+            model_fn, process, chain_key, x_T, prediction=config.diffusion.prediction, return_info=True,
             **sampler_options,
         )
         return x0, info.nfe
@@ -204,10 +223,14 @@ def make_sample_fn(
     classifier_params = None if classifier is None else classifier.params
     bound: dict = {}  # a VDM's process, bound once per parameters (`generate` calls with the same ones per batch)
 
-    def sample_fn(params: nnx.State, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def sample_fn(
+        params: nnx.State, key: jax.Array, inputs: dict[str, np.ndarray] | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         if bound.get("params") is not params:
-            bound.update(params=params, process=bind_process(schedule, graphdef, params))
-        return compiled(bound["process"])(params, classifier_params, key)
+            # SDEdit's process is cut at sample.t0 here, outside the trace, once per parameters.
+            bound.update(params=params, process=edits.process(bind_process(schedule, graphdef, params)))
+        inputs = default_inputs if inputs is None else inputs
+        return compiled(bound["process"])(params, classifier_params, key, inputs)
 
     return sample_fn
 
@@ -227,15 +250,26 @@ def sample_prompts(prompts: tuple[str, ...] | None, batch_size: int) -> list[str
     return [prompts[i % len(prompts)] for i in range(batch_size)]
 
 
-def generate(sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int) -> tuple[np.ndarray, int]:
+def generate(
+    sample_fn: SampleFn, params: nnx.State, key: jax.Array, num_samples: int,
+    inputs: dict[str, np.ndarray] | None = None, batch_size: int | None = None,
+) -> tuple[np.ndarray, int]:
     """Calls `sample_fn` until `num_samples` samples exist: (float32 [N, ...] on the host, the most
     network evaluations a batch used; adaptive samplers differ between batches).
 
-    In a multi-process run every process must call it (each batch is all-gathered, a collective)
+    `inputs` (`editing.sample_inputs`: images to edit, conditioning images), [M, ...] each, give batch b of
+    `batch_size` (the sample function's) the rows b B, ..., (b + 1) B - 1 (cycling); None samples with the
+    sample function's own. In a multi-process run every process must call it (each batch is all-gathered, a collective)
     and every process gets all N samples; only process 0 should write them."""
     batches, nfe = [], 0
     while sum(len(b) for b in batches) < num_samples:
-        x0, batch_nfe = distributed.fetch(sample_fn(params, jax.random.fold_in(key, len(batches))))
+        batch_inputs = None
+        if inputs:
+            size = len(next(iter(inputs.values())))
+            start = sum(len(b) for b in batches)
+            rows = np.arange(start, start + batch_size) % size
+            batch_inputs = {k: v[rows] for k, v in inputs.items()}
+        x0, batch_nfe = distributed.fetch(sample_fn(params, jax.random.fold_in(key, len(batches)), batch_inputs))
         batches.append(np.asarray(x0))
         nfe = max(nfe, int(batch_nfe))
     return np.concatenate(batches)[:num_samples], nfe
@@ -246,10 +280,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] picture."""
+def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] picture (cols: ceil sqrt N)."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = math.ceil(math.sqrt(n)) if cols is None else cols
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, image in enumerate(images):
@@ -266,6 +300,29 @@ def scatter_image(points: np.ndarray, size: int = 384, extent: float = 2.5) -> n
     keep = np.all((pix >= 0) & (pix < size), axis=1)
     picture[size - 1 - pix[keep, 1], pix[keep, 0]] = (31, 119, 180)
     return picture
+
+
+def edit_panels(inputs: dict[str, np.ndarray], samples: np.ndarray, num: int = 8) -> np.ndarray:
+    """uint8 [num * K, H, W, C]: for each of the first `num` examples, what it was made from, then the sample:
+    input | mask | output for inpainting (unknown pixels grey in the input, known white in the mask), input |
+    output for SDEdit / inversion, the low-res image (nearest-upsampled) | output for super-resolution, the
+    control image | output for ControlNet."""
+    num = min(num, len(samples))
+    shape = samples.shape[1:]  # [H, W, C]
+
+    def image(x: np.ndarray) -> np.ndarray:  # [num, h, w, c] in [-1, 1] -> uint8 [num, H, W, C]
+        x = np.repeat(np.repeat(x, shape[0] // x.shape[1], axis=1), shape[1] // x.shape[2], axis=2)
+        return to_uint8(np.broadcast_to(x[..., :1] if x.shape[-1] != shape[-1] else x, (num, *shape)))
+
+    columns = []
+    if "known" in inputs:
+        mask = inputs["mask"][:num]
+        columns += [image(np.where(mask > 0, inputs["known"][:num], 0.0)), image(2.0 * mask - 1.0)]
+    for name in ("init", "low_res", "control"):
+        if name in inputs:
+            columns.append(image(inputs[name][:num]))
+    columns.append(to_uint8(samples[:num]))
+    return np.stack(columns, axis=1).reshape(-1, *shape)
 
 
 def save_samples(directory: str | Path, step: int, samples: np.ndarray, scale: int = 1) -> tuple[Path, Path]:
@@ -285,3 +342,16 @@ def save_samples(directory: str | Path, step: int, samples: np.ndarray, scale: i
         picture = Image.fromarray(scatter_image(samples))
     picture.save(png)
     return png, npz
+
+
+def save_edit_grid(directory: str | Path, step: int, inputs: dict[str, np.ndarray], samples: np.ndarray,
+                   scale: int = 1) -> Path:
+    """Writes edits_<step>.png: `edit_panels` as rows of input | (mask |) output, upscaled `scale` times."""
+    panels = edit_panels(inputs, samples)
+    grid = image_grid(panels, cols=len(panels) // min(8, len(samples)))
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(directory) / f"edits_{step}.png"
+    picture.save(path)
+    return path

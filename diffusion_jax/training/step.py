@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion_jax import conditioning, objectives
+from diffusion_jax import conditioning, controlnet, objectives, super_resolution
 from diffusion_jax.training.state import TrainState, update_emas
 
 Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
@@ -60,8 +60,10 @@ def make_train_step(
         step_key = jax.random.fold_in(state.key, state.step)
         images, labels = batch["image"], batch["label"]
         cond = batch_condition(batch, class_conditional)
+        cond = super_resolution.training_condition(config, cond, images, jax.random.fold_in(step_key, 2))  # SR3/CDM
         if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
+        cond = controlnet.training_condition(config, cond, images, jax.random.fold_in(step_key, 3))  # never dropped
         grads_fn = functools.partial(loss_and_grads, state.params, state)
         noise = batch.get("noise")  # reflow's paired noise (`flow.pairs_dir`), else None: drawn by the loss
         if accum_steps == 1:
