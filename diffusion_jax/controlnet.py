@@ -34,6 +34,7 @@ from flax import nnx
 
 from diffusion_jax import conditioning
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.super_resolution import area_downsample, nearest_upsample
 from diffusion_jax.training import run_config
 from diffusion_jax.training.setup import RunProcess, params_key, sampler_from_config
 
@@ -65,11 +66,8 @@ def coarse_mask(images: jax.Array, threshold: float | jax.Array = MASK_THRESHOLD
     """'mask': images [B, H, W, C] in [-1, 1] -> float {0, 1} [B, H, W, 1]: the mean intensity of each
     MASK_FACTOR x MASK_FACTOR cell above `threshold`, upsampled back by nearest neighbour."""
     u = _intensity(images)
-    b, h, w, _ = u.shape
-    f = MASK_FACTOR
-    cells = u.reshape(b, h // f, f, w // f, f, 1).mean(axis=(2, 4))  # [B, H/f, W/f, 1]
-    mask = (cells > threshold).astype(jnp.float32)
-    return jnp.repeat(jnp.repeat(mask, f, axis=1), f, axis=2)
+    cells = area_downsample(u, u.shape[1] // MASK_FACTOR)  # [B, H/f, W/f, 1]
+    return nearest_upsample((cells > threshold).astype(jnp.float32), MASK_FACTOR)
 
 
 def sobel_edges(images: jax.Array, threshold: float | jax.Array = EDGE_THRESHOLD) -> jax.Array:

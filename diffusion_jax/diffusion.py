@@ -11,7 +11,7 @@ Every function here is pure and works on arrays of any shape [B, ...].
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +160,28 @@ def make_denoiser(
         return to_x0_eps(model_fn(x_t, schedule.timesteps[t]), x_t, alpha, sigma, prediction, clip_x0)
 
     return denoise
+
+
+X0Change = Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array]  # (denoise, x_t) -> new x̂_0
+
+
+def with_x0(model_fn: ModelFn, process: Any, prediction: str, change: X0Change) -> ModelFn:
+    """`model_fn(x_t, t)` of the same `prediction` kind whose x̂_0 is `change(denoise, x_t)`, where `denoise(x)`
+    is the network's x̂_0 at x (at this call's t) and `process.alpha_sigma(t)` gives (α_t, σ_t): the form of the
+    denoiser transforms that condition x̂_0 (`inpaint.conditional_denoiser`,
+    `super_resolution.consistent_denoiser`); ε̂ is recomputed from the new x̂_0."""
+    check_prediction(prediction)
+
+    def transformed(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        alpha, sigma = (per_example(c, x_t) for c in process.alpha_sigma(t))
+
+        def denoise(x: jax.Array) -> jax.Array:
+            return to_x0_eps(model_fn(x, t), x, alpha, sigma, prediction).x0
+
+        x0 = change(denoise, x_t)
+        return training_target(x0, eps_from_x0(x_t, x0, alpha, sigma), alpha, sigma, prediction).astype(x_t.dtype)
+
+    return transformed
 
 
 def check_prediction(prediction: str, allowed: tuple[str, ...] = PREDICTIONS) -> None:

@@ -36,7 +36,6 @@ from diffusion_jax.schedules import Schedule
 
 INPAINT_METHODS = ("replace", "repaint", "conditional")
 MASKS = ("box", "half", "strokes")
-EDIT_INPUTS = ("init", "known", "mask", "source_label")  # what `sample_inputs` may hold besides conditions
 
 
 class Edit(NamedTuple):

@@ -44,24 +44,16 @@ def conditional_denoiser(
         cg_steps: conjugate-gradient iterations for J_kk⁻¹ r (exact after as many as there are known pixels;
             J_kk is symmetric positive definite for the exact denoiser, nearly so for a trained one).
     """
-    diffusion.check_prediction(prediction)
 
-    def conditioned(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        alpha, sigma = (diffusion.per_example(c, x_t) for c in process.alpha_sigma(t))
+    def conditioned(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array) -> jax.Array:
         m = jnp.broadcast_to(mask, x_t.shape).astype(x_t.dtype)
         y = jnp.broadcast_to(known, x_t.shape).astype(x_t.dtype)
-
-        def denoise(x: jax.Array) -> jax.Array:
-            return diffusion.to_x0_eps(model_fn(x, t), x, alpha, sigma, prediction).x0
-
         x0, jvp = jax.linearize(denoise, x_t)
         z = conjugate_gradient(lambda v: m * jvp(m * v), m * (y - x0), cg_steps)
         x0 = x0 + jvp(m * z)
-        x0 = m * y + (1.0 - m) * x0  # the known part is y (already, up to the solve's accuracy)
-        eps = diffusion.eps_from_x0(x_t, x0, alpha, sigma)
-        return diffusion.training_target(x0, eps, alpha, sigma, prediction).astype(x_t.dtype)
+        return m * y + (1.0 - m) * x0  # the known part is y (already, up to the solve's accuracy)
 
-    return conditioned
+    return diffusion.with_x0(model_fn, process, prediction, conditioned)
 
 
 def conjugate_gradient(apply: Callable[[jax.Array], jax.Array], b: jax.Array, steps: int) -> jax.Array:

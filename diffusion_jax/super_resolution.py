@@ -17,6 +17,8 @@ Conditioning entries (`diffusion_jax.conditioning`): `low_res` float [B, h, w, C
 augmented) and `low_res_noise` float [B], the level s.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,17 +54,13 @@ def consistent_denoiser(
     A's null space (the detail) and replaces the rest by the input's. A sampler driven by it ends on an x̂_0 whose
     area-downsampled image is y (up to x̂_0 clipping), however well the model learnt SR3's consistency. Meant for
     the clean low-res image (`low_res_noise` 0): projecting onto a noised one would copy its noise."""
-    diffusion.check_prediction(prediction)
 
-    def projected(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        alpha, sigma = (diffusion.per_example(c, x_t) for c in process.alpha_sigma(t))
-        x0 = diffusion.to_x0_eps(model_fn(x_t, t), x_t, alpha, sigma, prediction).x0  # [B, H, W, C]
+    def projected(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array) -> jax.Array:
+        x0 = denoise(x_t)  # [B, H, W, C]
         factor = x0.shape[1] // low_res.shape[1]
-        x0 = x0 + nearest_upsample(low_res.astype(x0.dtype) - area_downsample(x0, low_res.shape[1]), factor)
-        eps = diffusion.eps_from_x0(x_t, x0, alpha, sigma)
-        return diffusion.training_target(x0, eps, alpha, sigma, prediction).astype(x_t.dtype)
+        return x0 + nearest_upsample(low_res.astype(x0.dtype) - area_downsample(x0, low_res.shape[1]), factor)
 
-    return projected
+    return diffusion.with_x0(model_fn, process, prediction, projected)
 
 
 def augment(process: Process, low_res: Array, level: Array, noise: Array) -> Array:

@@ -23,6 +23,7 @@ from diffusion_jax import conditioning, distributed, editing, guidance, sde
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.loading import load
+from diffusion_jax.super_resolution import nearest_upsample
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training.setup import (
     Process,
@@ -164,7 +165,7 @@ def make_sample_fn(
             {} if model_cond is None else {"label": model_cond}
         )
 
-    default_inputs = editing.sample_inputs(config, example_shape, batch_size)
+    default_inputs = editing.sample_inputs(config, example_shape, batch_size)  # now: a bad image fails at build
     edits = editing.EditOptions.from_config(config.sample, options)
 
     def sample(
@@ -311,7 +312,7 @@ def edit_panels(inputs: dict[str, np.ndarray], samples: np.ndarray, num: int = 8
     shape = samples.shape[1:]  # [H, W, C]
 
     def image(x: np.ndarray) -> np.ndarray:  # [num, h, w, c] in [-1, 1] -> uint8 [num, H, W, C]
-        x = np.repeat(np.repeat(x, shape[0] // x.shape[1], axis=1), shape[1] // x.shape[2], axis=2)
+        x = nearest_upsample(x, shape[0] // x.shape[1])  # a low-res input at the sample's size
         return to_uint8(np.broadcast_to(x[..., :1] if x.shape[-1] != shape[-1] else x, (num, *shape)))
 
     columns = []
