@@ -11,8 +11,9 @@ process goes to --out (default benchmarks/results/compare-<date>.jsonl); at the 
 `summarize.py` prints the table. Before each process the driver waits (--quiet-wait, default at most
 120 s) until other processes use fewer than --quiet-below cores (default 0.3).
 
-Workloads are MODEL/MODE/DTYPE, e.g. unet-small/train/bfloat16. `all` is every workload of the
-issue in float32 and bfloat16 (bf16: the models' `dtype` against torch.autocast); `quick` only the
+Workloads are MODEL/MODE/DTYPE, e.g. unet-small/train/bfloat16; mode `dpm` (20-step DPM-Solver++(2M))
+runs diffusers' DPMSolverMultistepScheduler loop from this directory's `torch_sampler.py`. `all` is
+every workload of the issue in float32 and bfloat16 (bf16: the models' `dtype` against torch.autocast); `quick` only the
 small U-Net's. A --variant is a label, a colon, then environment assignments and throughput.py
 flags, e.g. `--variant 'jemalloc: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'` or
 `--variant 'xla-default: --xla-default'`. `--peak` also runs ../shared/bench/peak.py (numpy fp32
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [f"unet-small/{mode}/{dtype}" for dtype in ("float32", "bfloat16") for mode in ("fwd", "train", "ddim")]
+SMALL.insert(3, "unet-small/dpm/float32")  # DPM-Solver++(2M), 20 steps; torch side fp32 only
 ALL = SMALL + [
     f"{w}/{dtype}" for dtype in ("float32", "bfloat16") for w in ("unet-cifar/train", "dit-s2/fwd", "dit-s2/train")
 ]
@@ -42,6 +44,9 @@ def torch_command(py: str, bench: Path, model: str, mode: str, dtype: str, extra
     if model == "dit-s2":  # torch_dit.py defaults: DiT-S/2, 32x32x4, 10 classes, batch 16
         return [py, str(bench / "torch_dit.py"), "--mode", mode, "--dtype", dtype, *extra]
     config = {"unet-small": "small", "unet-cifar": "cifar"}[model]
+    if mode == "dpm":  # DPMSolverMultistepScheduler, 20 steps: this directory's torch_sampler.py
+        return [py, str(ROOT / "benchmarks" / "torch_sampler.py"), "--config", config, "--scheduler", "dpm",
+                "--bench", str(bench), *extra]
     return [py, str(bench / "torch_unet.py"), "--config", config, "--mode", mode, "--dtype", dtype, *extra]
 
 

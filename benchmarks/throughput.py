@@ -1,4 +1,4 @@
-"""Throughput of the project's models on this machine: forward, the real train step, 50-step DDIM.
+"""Throughput of the project's models on this machine: forward, the real train step, the samplers.
 
 Mirrors `../shared/bench/torch_unet.py` (diffusers UNet2DModel) and `../shared/bench/torch_dit.py`
 (diffusers DiTTransformer2DModel) workload for workload, so the two can be run side by side
@@ -12,9 +12,12 @@ Models (the default batch is the torch scripts'):
   dit-s2      'DiT-S/2' (12 blocks, width 384, 6 heads, patch 2) on 32x32x4 latents, 10 classes; batch 16
 
 Modes: fwd (one jitted model call), train (the project's own `make_train_step`, jitted with the
-state donated, AdamW, L_simple, as `training/loop.py` runs it), ddim (the project's `ddim_sample`,
---steps steps as one jitted `lax.scan`). --dtype bfloat16 is the model's `dtype` option (bf16
-compute, float32 parameters), the counterpart of PyTorch's bf16 autocast.
+state donated, AdamW, L_simple, as `training/loop.py` runs it), ddim and dpm (a sampler from the
+registry, 'ddim' with --steps 50 or 'dpm_solver++' (2M, the project's log-SNR steps) with --steps
+20 by default, or any --sampler: the whole chain one jitted `lax.scan`; --guidance-weight w wraps a
+class-conditional model (dit-s2) in classifier-free guidance, a 2B batch per step). --dtype bfloat16
+is the model's `dtype` option (bf16 compute, float32 parameters), the counterpart of PyTorch's bf16
+autocast.
 
 Reported (one JSON line on stdout; per-rep progress on stderr):
   images_per_s, time_s   median / min / max / median_clean over --reps timed calls; a rep is clean when
@@ -51,10 +54,12 @@ _HZ = os.sysconf("SC_CLK_TCK")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="unet-small")
-    p.add_argument("--mode", choices=["fwd", "train", "ddim"], default="train")
+    p.add_argument("--mode", choices=["fwd", "train", "ddim", "dpm"], default="train")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--batch", type=int, default=None, help="default: 64 unet-small, 16 unet-cifar and dit-s2")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: ddim 50, dpm 20)")
+    p.add_argument("--sampler", default=None, help="a registry sampler (default: ddim 'ddim', dpm 'dpm_solver++')")
+    p.add_argument("--guidance-weight", type=float, default=None, help="classifier-free guidance w (dit-s2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls, the first (compiling) one included")
     p.add_argument("--reps", type=int, default=None, help="timed calls; default 5 (ddim: 3)")
     p.add_argument("--remat", action="store_true", help="dit-s2: recompute each block in the backward pass")
@@ -168,15 +173,16 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from diffusion_jax import objectives
-    from diffusion_jax.samplers import ddim_sample
+    from diffusion_jax import guidance, objectives, samplers
     from diffusion_jax.training import optimizer
     from diffusion_jax.training import state as state_lib
     from diffusion_jax.training.setup import build_model, build_process, model_apply
     from diffusion_jax.training.step import make_train_step
 
     config, shape, batch = build_config(args)
-    reps = args.reps or (3 if args.mode == "ddim" else 5)
+    sampling = args.mode in ("ddim", "dpm")
+    reps = args.reps or (3 if sampling else 5)
+    steps = args.steps or (50 if args.mode == "ddim" else 20)
     graphdef, init = build_model(config, shape)
     params = init(jax.random.key(0))
     schedule = build_process(config)
@@ -195,11 +201,18 @@ def main(argv=None) -> None:
         batch_dict = {"image": x, "label": labels if labels is not None else jnp.zeros((batch,), jnp.int32)}
         call_args = (state_lib.create(params, tx, 0, jax.random.key(2)), batch_dict)
     else:
-        fn = jax.jit(
-            lambda p, key, x_T, y: ddim_sample(
-                lambda x_t, t: model_apply(graphdef, p, x_t, t, y), schedule, key, x_T, steps=args.steps
-            )
-        )
+        sampler = samplers.get(args.sampler or ("ddim" if args.mode == "ddim" else "dpm_solver++"))
+
+        def sample(p, key, x_T, y):
+            def model_fn(x_t, t, cond):
+                return model_apply(graphdef, p, x_t, t, cond)
+
+            if args.guidance_weight is None:
+                return sampler(lambda x_t, t: model_fn(x_t, t, y), schedule, key, x_T, steps=steps)
+            guided = guidance.classifier_free(model_fn, y, config.model.num_classes, args.guidance_weight)
+            return sampler(guided, schedule, key, x_T, steps=steps)
+
+        fn = jax.jit(sample, donate_argnums=2)  # x_T's buffer is reused for the chain's state
         call_args = (params, jax.random.key(3), x, labels)
 
     start = time.perf_counter()
@@ -215,9 +228,9 @@ def main(argv=None) -> None:
     cost = compiled.cost_analysis() or {}  # a dict on jaxlib >= 0.10 (the project's floor)
     flops = float(cost.get("flops", 0.0))
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    if args.mode == "ddim":  # the scan body (one model call + update) is counted once
-        flops *= args.steps
-        bytes_accessed *= args.steps
+    if sampling:  # the scan body (one model call + update) is counted once
+        flops *= steps
+        bytes_accessed *= steps
     mem = compiled.memory_analysis()
     memory = (
         {
@@ -240,6 +253,10 @@ def main(argv=None) -> None:
         def run():
             holder[0], metrics = compiled(holder[0], call_args[1])
             jax.block_until_ready(metrics["loss"])
+    elif sampling:  # x_T is donated: a fresh copy per call
+
+        def run():
+            jax.block_until_ready(compiled(params, call_args[1], jnp.copy(x), labels))
     else:
 
         def run():
@@ -270,7 +287,9 @@ def main(argv=None) -> None:
                 "mode": args.mode,
                 "dtype": args.dtype,
                 "batch": batch,
-                "steps": args.steps if args.mode == "ddim" else None,
+                "steps": steps if sampling else None,
+                "sampler": args.sampler if sampling else None,
+                "guidance_weight": args.guidance_weight,
                 "remat": args.remat,
                 "attention_impl": args.attention_impl,
                 "xla_default": args.xla_default,

@@ -4,6 +4,7 @@ damaged checkpoints, restore on another mesh, and a model that no longer matches
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,16 +148,28 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path, digits_data_dir
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
 
-def test_nonfinite_step_leaves_params_and_optimizer_untouched(digits_data_dir):
+def copied_parameters(hlo: str) -> list[str]:
+    """The non-scalar ENTRY parameters of an optimised HLO module that a `copy` instruction reads."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    parameters = set(re.findall(r"%([\w.\-]+) = [^\n]*? parameter\(\d+\)", entry))
+    return [name for name in re.findall(r"= \w+\[\d[^\]]*\]\S* copy\(%([\w.\-]+)\)", entry) if name in parameters]
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_untouched_and_copies_no_donated_buffer(digits_data_dir):
     config = tiny_digits_config(digits_data_dir)
     exp = experiment.build(config)
-    step = jax.jit(make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config))
+    step = jax.jit(make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config), donate_argnums=0)
     batch = {"image": jnp.full((16, 8, 8, 1), jnp.nan), "label": jnp.zeros(16, jnp.int32)}
     state = exp.init_state()
-    new, metrics = step(state, batch)
+    compiled = step.lower(state, batch).compile()
+    # The update is a `cond` on finiteness, so the donated state is updated in place: a per-leaf
+    # select kept old and new alive together and XLA copied every parameter and moment first.
+    assert copied_parameters(compiled.as_text()) == []
+    before = jax.tree.map(np.asarray, state)
+    new, metrics = compiled(state, batch)
     assert int(metrics["nonfinite"]) == 1 and int(new.step) == 1 and int(new.skipped_steps) == 1
     for name in ("params", "ema_params", "opt_state"):
-        for a, b in zip(jax.tree.leaves(getattr(new, name)), jax.tree.leaves(getattr(state, name)), strict=True):
+        for a, b in zip(jax.tree.leaves(getattr(new, name)), jax.tree.leaves(getattr(before, name)), strict=True):
             np.testing.assert_array_equal(a, b)
 
 

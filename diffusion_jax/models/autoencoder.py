@@ -54,6 +54,7 @@ from flax import nnx, struct
 from jax.typing import DTypeLike
 
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.norm import GroupNorm
 
 # PyTorch's default init of Conv2d/Linear weights (kaiming_uniform with a=sqrt(5)):
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance scaling 1/3, fan_in, uniform.
@@ -148,9 +149,10 @@ def _linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: DType
     return nnx.Linear(in_features, out_features, kernel_init=torch_default_init, dtype=dtype, rngs=rngs)
 
 
-def _group_norm(channels: int, num_groups: int, *, rngs: nnx.Rngs, dtype: DTypeLike) -> nnx.GroupNorm:
-    """GroupNorm (Wu & He 2018), eps 1e-6, with gcd(num_groups, channels) groups (see module docstring)."""
-    return nnx.GroupNorm(channels, num_groups=math.gcd(num_groups, channels), epsilon=NORM_EPS, dtype=dtype, rngs=rngs)
+def _group_norm(channels: int, num_groups: int, *, rngs: nnx.Rngs, dtype: DTypeLike) -> GroupNorm:
+    """GroupNorm (Wu & He 2018), eps 1e-6, with gcd(num_groups, channels) groups (see module docstring); SiLU fused
+    where it follows (`models.norm`)."""
+    return GroupNorm(channels, num_groups=math.gcd(num_groups, channels), epsilon=NORM_EPS, dtype=dtype, rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
@@ -169,8 +171,8 @@ class ResnetBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, in_ch] -> [B, H, W, out_ch]."""
-        h = self.conv1(nnx.silu(self.norm1(x)))  # [B, H, W, out_ch]
-        h = self.conv2(nnx.silu(self.norm2(h)))  # [B, H, W, out_ch]
+        h = self.conv1(self.norm1(x, silu=True))  # [B, H, W, out_ch]
+        h = self.conv2(self.norm2(h, silu=True))  # [B, H, W, out_ch]
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -342,7 +344,7 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             h = block(h)  # halves H, W except at the last level
         h = self.mid_block(h)  # [B, H/f, W/f, block_out_channels[-1]]
-        return self.conv_out(nnx.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))
 
 
 class Decoder(nnx.Module):
@@ -385,7 +387,7 @@ class Decoder(nnx.Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h)  # doubles H, W except at the last level
-        return self.conv_out(nnx.silu(self.conv_norm_out(h)))  # [B, f*h, f*w, out_channels]
+        return self.conv_out(self.conv_norm_out(h, silu=True))  # [B, f*h, f*w, out_channels]
 
 
 def _positive_int(name: str, value: object) -> int:

@@ -84,5 +84,5 @@ class EncoderUNet(Encoder):
         if cond is not None:
             raise ValueError("cond: the noise-aware classifier predicts labels and takes none; pass cond=None")
         h, _, _, _ = self._encode(x, t, None, train, rngs)  # [B, h, w, ch * ch_mult[-1]]
-        h = jnp.mean(nnx.silu(self.norm_out(h)), axis=(1, 2))  # [B, width]
+        h = jnp.mean(self.norm_out(h, silu=True), axis=(1, 2))  # [B, width]
         return self.head(h).astype(jnp.float32)  # [B, num_classes]

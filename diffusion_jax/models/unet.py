@@ -101,19 +101,19 @@ class ResBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
         """x: [B, H, W, in_ch], emb: [B, emb_dim] -> [B, H', W', out_ch]."""
-        h = nnx.silu(self.norm1(x))
+        h = self.norm1(x, silu=True)
         if self.resample == "down":
             h, x = _avg_pool(h), _avg_pool(x)
         elif self.resample == "up":
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         h = self.conv1(h)  # [B, H', W', out_ch]
-        e = self.emb_proj(nnx.silu(emb))[:, None, None, :]  # [B, 1, 1, emb_out]
+        e = self.emb_proj(nnx.silu(emb))  # [B, emb_out]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = self.norm2(h, scale=scale, shift=shift, silu=True)
         else:
-            h = self.norm2(h + e)
-        h = self.dropout(nnx.silu(h), deterministic=not train, rngs=rngs)
+            h = self.norm2(h + e[:, None, None, :], silu=True)
+        h = self.dropout(h, deterministic=not train, rngs=rngs)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)
@@ -604,4 +604,4 @@ class UNet(Encoder):
                 h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, train, rngs, context)
             if level.resample is not None:
                 h = level.resample(h, emb, train, rngs)
-        return self.conv_out(nnx.silu(self.norm_out(h)))  # [B, H, W, C or 2C]
+        return self.conv_out(self.norm_out(h, silu=True))  # [B, H, W, C or 2C]

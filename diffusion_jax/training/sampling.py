@@ -261,18 +261,26 @@ def generate(
     `inputs` (`editing.sample_inputs`: images to edit, conditioning images), [M, ...] each, give batch b of
     `batch_size` (the sample function's) the rows b B, ..., (b + 1) B - 1 (cycling); None samples with the
     sample function's own. In a multi-process run every process must call it (each batch is all-gathered, a collective)
-    and every process gets all N samples; only process 0 should write them."""
-    batches, nfe = [], 0
-    while sum(len(b) for b in batches) < num_samples:
+    and every process gets all N samples; only process 0 should write them. Batch b + 1 is dispatched before batch b
+    is fetched, so the device never waits for the host between batches."""
+    size = len(next(iter(inputs.values()))) if inputs else 0
+
+    def dispatch(index: int) -> tuple[jax.Array, jax.Array]:
         batch_inputs = None
         if inputs:
-            size = len(next(iter(inputs.values())))
-            start = sum(len(b) for b in batches)
-            rows = np.arange(start, start + batch_size) % size
+            rows = np.arange(index * batch_size, (index + 1) * batch_size) % size
             batch_inputs = {k: v[rows] for k, v in inputs.items()}
-        x0, batch_nfe = distributed.fetch(sample_fn(params, jax.random.fold_in(key, len(batches)), batch_inputs))
+        return sample_fn(params, jax.random.fold_in(key, index), batch_inputs)
+
+    pending = dispatch(0)
+    num_batches = -(-num_samples // pending[0].shape[0])  # an array's shape is known before its values
+    batches, nfe = [], 0
+    for index in range(num_batches):
+        following = dispatch(index + 1) if index + 1 < num_batches else None
+        x0, batch_nfe = distributed.fetch(pending)
         batches.append(np.asarray(x0))
         nfe = max(nfe, int(batch_nfe))
+        pending = following
     return np.concatenate(batches)[:num_samples], nfe
 
 

@@ -72,18 +72,24 @@ def make_train_step(
             (loss, aux), grads = _accumulate(grads_fn, state.params, (images, labels, cond, noise), step_key,
                                              accum_steps)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        updated = state.replace(
-            params=params, ema_params=update_emas(state.ema_params, params, decays), opt_state=opt_state
-        )
-        if state.timestep_history is not None:
-            updated = updated.replace(timestep_history=state.timestep_history.update(aux["t"], aux["vlb"]))
+
+        def update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            updated = state.replace(
+                params=params, ema_params=update_emas(state.ema_params, params, decays), opt_state=opt_state
+            )
+            if state.timestep_history is not None:
+                updated = updated.replace(timestep_history=state.timestep_history.update(aux["t"], aux["vlb"]))
+            return updated
+
         # A non-finite loss or gradient drops the whole update: params, EMAs and optimiser
         # state stay as they were, and the step still advances (the loop decides, from
-        # training.on_nonfinite, whether to go on).
+        # training.on_nonfinite, whether to go on). A `cond`, not a per-leaf `where(finite, new, old)`:
+        # the select kept the old state alive beside the new one, so XLA copied every donated
+        # parameter and optimiser buffer (490 copies per small U-Net step; benchmarks/README.md).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        new_state = jax.lax.cond(finite, update, lambda state: state, state)
         new_state = new_state.replace(
             step=state.step + 1, skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
         )
