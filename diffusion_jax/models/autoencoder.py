@@ -150,8 +150,8 @@ def _linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: DType
 
 
 def _group_norm(channels: int, num_groups: int, *, rngs: nnx.Rngs, dtype: DTypeLike) -> GroupNorm:
-    """GroupNorm (Wu & He 2018), eps 1e-6, with gcd(num_groups, channels) groups (see module docstring); SiLU fused
-    where it follows (`models.norm`)."""
+    """GroupNorm (Wu & He 2018), eps 1e-6, with gcd(num_groups, channels) groups (see module docstring);
+    `models.norm`'s, which takes the SiLU that follows in the same call."""
     return GroupNorm(channels, num_groups=math.gcd(num_groups, channels), epsilon=NORM_EPS, dtype=dtype, rngs=rngs)
 
 

@@ -47,7 +47,7 @@ def group_norm(channels: int, *, eps: float = 1e-6, rngs: nnx.Rngs, dtype: DType
     of 32, and still a valid grouping for the narrow models used in tests
     (8 channels -> 8 groups, 48 -> 16). `eps`: 1e-6 as Ho et al.'s TF code; Stable
     Diffusion's U-Net uses PyTorch's 1e-5 (diffusers' `norm_eps`). The module is `models.norm.GroupNorm`:
-    `nnx.GroupNorm`'s parameters and numerics, with scale-shift and SiLU fused into one custom-VJP op.
+    `nnx.GroupNorm`'s parameters and numerics, taking ADM's scale-shift and SiLU in the same call.
     """
     return GroupNorm(channels, num_groups=math.gcd(32, channels), epsilon=eps, dtype=dtype, rngs=rngs)
 
