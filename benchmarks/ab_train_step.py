@@ -182,11 +182,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import throughput
 
-    from diffusion_jax import objectives
-    from diffusion_jax.training import optimizer
-    from diffusion_jax.training import state as state_lib
-    from diffusion_jax.training.setup import build_model, build_process
-    from diffusion_jax.training.step import make_train_step
 
     config, shape, batch = throughput.build_config(throughput.parse_args(["--model", args.model]))
     names = args.variants.split(",")
@@ -194,14 +189,7 @@ def main(argv=None) -> None:
     for name in names:
         norm.GroupNorm.__call__ = VARIANTS[name]
         try:
-            graphdef, init = build_model(config, shape)
-            tx = optimizer.make_optimizer(config.optim, 1000)
-            lr = optimizer.learning_rate_schedule(config.optim, 1000)
-            objective = objectives.build(config, graphdef, build_process(config), shape)
-            step = jax.jit(make_train_step(graphdef, objective, tx, lr, config), donate_argnums=0)
-            state = state_lib.create(init(jax.random.key(0)), tx, 0, jax.random.key(2))
-            batch_dict = {"image": jax.random.normal(jax.random.key(1), (batch, *shape)),
-                          "label": jnp.zeros((batch,), jnp.int32)}
+            step, state, batch_dict = throughput.build_train_step(config, shape, batch)
             start = time.perf_counter()
             compiled = step.lower(state, batch_dict).compile()
             info[name] = (time.perf_counter() - start, compiled.memory_analysis().temp_size_in_bytes / 2**20)

@@ -159,29 +159,11 @@ def build_config(model: dict, image_size: int) -> Any:
 
 
 def build_train_step(model: dict, shape: tuple[int, int, int], batch: int) -> tuple[Any, Any, dict]:
-    """(jitted train step with the state donated, a fresh state, a batch on the device), as throughput.py."""
-    import jax
+    """(jitted train step with the state donated, a fresh state, a batch on the device): throughput.py's."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # throughput.py beside this file
+    from throughput import build_train_step as throughput_train_step
 
-    from diffusion_jax import objectives
-    from diffusion_jax.training import optimizer
-    from diffusion_jax.training import state as state_lib
-    from diffusion_jax.training.setup import build_model, build_process
-    from diffusion_jax.training.step import make_train_step
-
-    config = build_config(model, shape[0])
-    graphdef, init = build_model(config, shape)
-    tx = optimizer.make_optimizer(config.optim, 1000)
-    lr = optimizer.learning_rate_schedule(config.optim, 1000)
-    objective = objectives.build(config, graphdef, build_process(config), shape)
-    step = jax.jit(make_train_step(graphdef, objective, tx, lr, config), donate_argnums=0)
-    # The parameters are drawn with an RBG key, whose init program compiles ~3x faster on XLA:CPU than threefry's
-    # (8 s for the small U-Net); their values do not matter here. One jitted program for the whole state.
-    state = jax.jit(lambda key: state_lib.create(init(key), tx, 0, jax.random.key(2)))(jax.random.key(0, impl="rbg"))
-    data = {
-        "image": jax.random.normal(jax.random.key(1), (batch, *shape)),
-        "label": jax.random.randint(jax.random.key(4), (batch,), 0, model.get("num_classes") or 1),
-    }
-    return step, state, data
+    return throughput_train_step(build_config(model, shape[0]), shape, batch)
 
 
 def time_step(compiled: Callable, state: Any, data: dict, warmup: int, reps: int) -> tuple[Any, list[float]]:

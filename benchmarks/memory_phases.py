@@ -30,23 +30,12 @@ def main(argv=None) -> None:
     import jax
     import throughput
 
-    from diffusion_jax import objectives
-    from diffusion_jax.training import optimizer
-    from diffusion_jax.training import state as state_lib
-    from diffusion_jax.training.setup import build_model, build_process
-    from diffusion_jax.training.step import make_train_step
 
     print("imports:", rss())
     config, shape, batch = throughput.build_config(throughput.parse_args(["--model", args.model]))
-    graphdef, init = build_model(config, shape)
-    tx = optimizer.make_optimizer(config.optim, 1000)
-    lr = optimizer.learning_rate_schedule(config.optim, 1000)
-    objective = objectives.build(config, graphdef, build_process(config), shape)
-    state = state_lib.create(init(jax.random.key(0)), tx, 0, jax.random.key(2))
-    labels = jax.random.randint(jax.random.key(4), (batch,), 0, 10)
-    batch_dict = {"image": jax.random.normal(jax.random.key(1), (batch, *shape)), "label": labels}
+    step, state, batch_dict = throughput.build_train_step(config, shape, batch)
     print("model and train state:", rss())
-    lowered = jax.jit(make_train_step(graphdef, objective, tx, lr, config), donate_argnums=0).lower(state, batch_dict)
+    lowered = step.lower(state, batch_dict)
     print("traced and lowered:", rss())
     compiled = lowered.compile()
     print("compiled:", rss(), f"(XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**20:.0f} MB)")
