@@ -9,15 +9,20 @@ The pure core, for notebooks:
     x0 = dj.samplers.get("ddpm")(model_fn, sched, key, x_T, edit=dj.editing.Edit(known=y, mask=m))  # inpainting
     unet = dj.models.create("unet", rngs=flax.nnx.Rngs(0), image_size=32, in_channels=3)
     model = dj.load("runs/ddpm_digits")   # a trained workdir's network, schedule and config; no train state
+    images = model.sample(key, 16, sampler="dpm_solver++", steps=20)
+    mixture = dj.exact.ring(8)            # Gaussian mixtures with closed-form denoisers, to check samplers
 
-The data pipeline (`diffusion_jax.data`), the training system (`diffusion_jax.training`) and the
-sample-quality metrics (`diffusion_jax.metrics`) are imported on their own.
+The configs (`dj.config`), the data pipeline (`dj.data`), the training system (`dj.training`) and the
+sample-quality metrics (`dj.metrics`) are imported on first use: they bring in tfds, grain and orbax.
 """
+
+import importlib
 
 from diffusion_jax import (
     conditioning,
     diffusion,
     editing,
+    exact,
     guidance,
     inpaint,
     likelihood,
@@ -28,17 +33,19 @@ from diffusion_jax import (
     vlb,
 )
 
+_LAZY_MODULES = ("config", "data", "loading", "metrics", "training")
+
 __all__ = [
-    "LoadedModel", "conditioning", "diffusion", "editing", "guidance", "inpaint", "likelihood", "load", "models",
-    "samplers", "schedules", "sde", "vlb",
+    "LoadedModel", "conditioning", "config", "data", "diffusion", "editing", "exact", "guidance", "inpaint",
+    "likelihood", "load", "loading", "metrics", "models", "samplers", "schedules", "sde", "training", "vlb",
 ]
 
 
 def __getattr__(name: str) -> object:
-    """`load` and `LoadedModel` (diffusion_jax.loading) on first use: they import orbax and the training setup."""
+    """`load`, `LoadedModel` and the modules of `_LAZY_MODULES` on first use: they import orbax, tfds and grain."""
     if name in ("load", "LoadedModel"):
-        from diffusion_jax import loading
-
-        return getattr(loading, name)
+        return getattr(importlib.import_module("diffusion_jax.loading"), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"diffusion_jax.{name}")
     raise AttributeError(f"module 'diffusion_jax' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -2,8 +2,9 @@
 
     import diffusion_jax as dj
     model = dj.load("runs/ddpm_digits")              # the newest checkpoint, the EMA its config samples with
+    images = model.sample(key, 16, sampler="dpm_solver++", steps=20)  # [16, H, W, C] in [-1, 1]
     x0 = dj.samplers.get("ddim")(model.model_fn(), model.schedule, key, x_T, steps=50,
-                                 prediction=model.config.diffusion.prediction)
+                                 prediction=model.config.diffusion.prediction)  # the same, by hand
 
 The config is the one saved inside the checkpoint (`Checkpointer.save`), not the workdir's loose
 `config.json`, so a workdir whose config.json is missing, broken or rewritten by a later run is
@@ -12,19 +13,31 @@ optimiser state stays there. Sample and eval modes, classifier guidance, teacher
 all load their models through `load`.
 """
 
+import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import data, latent
+from diffusion_jax import conditioning, data, guidance, latent, sde
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import run_config
 from diffusion_jax.training.checkpoint import Checkpointer
-from diffusion_jax.training.setup import Process, bind_process, build_model, build_process, model_apply
+from diffusion_jax.training.setup import (
+    Process,
+    bind_process,
+    build_model,
+    build_process,
+    guided_channels,
+    model_apply,
+    network_output_fn,
+    sampler_from_config,
+)
 
 _FROM_CONFIG = "config"
 
@@ -47,6 +60,64 @@ class LoadedModel(NamedTuple):
     def model_fn(self, cond: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
         """`model_fn(x_t, t)` with `cond` closed over: what every sampler takes."""
         return lambda x_t, t: self.apply(x_t, t, cond)
+
+    def sample(
+        self,
+        key: jax.Array,
+        num_samples: int,
+        *,
+        sampler: str | None = None,
+        cond: conditioning.Cond = None,
+        guidance_scale: float | None | str = _FROM_CONFIG,
+        **options: Any,
+    ) -> jax.Array:
+        """`num_samples` samples [N, *example_shape] as the run's sample mode draws them, compiled as one program.
+
+        `sampler` (default the config's `sample.sampler`) takes its options (`steps`, `eta`, `spacing`,
+        `clip_x0`, ...) from the same-named `config.sample` fields, `options` overriding them; x_T comes
+        from the process's prior (N(0, σ_max² I) for EDM). A class-conditional model gets `cond`, by
+        default the labels 0, 1, 2, ... cycling, and classifier-free guidance at `guidance_scale`
+        (s = 1 + w; default the config's `sample.guidance_scale`; None or 1: none). A learned variance
+        is used where the sampler can ('ddpm'). A latent run's samples are decoded to pixels. An option
+        the sampler does not take is a ConfigError naming it and the ones it does. Classifier guidance and
+        edits are not applied here: compose `dj.guidance` and `dj.editing` with `model_fn` for those.
+        """
+        sample_config = ml_collections.ConfigDict(self.config.sample.to_dict())
+        sample_config.sampler = sampler or sample_config.sampler
+        learn_sigma = bool(self.config.model.get("learn_sigma"))
+        sampler_fn, config_options = sampler_from_config(sample_config, learn_sigma)  # an unknown name: ConfigError
+        # Everything after (model_fn, schedule, key, x_T) but what this method passes itself.
+        allowed = set(list(inspect.signature(sampler_fn).parameters)[4:]) - {"prediction", "return_info",
+                                                                              "return_trajectory"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ConfigError(f"sample(options): the {sample_config.sampler!r} sampler has no option {unknown[0]!r}; "
+                              f"it takes {sorted(allowed)}")
+        options = config_options | options
+        output = network_output_fn(learn_sigma, options)
+        num_classes = self.config.model.get("num_classes")
+        if cond is None and num_classes is not None:
+            cond = jnp.arange(num_samples, dtype=jnp.int32) % num_classes  # as sample mode labels a batch
+        scale = self.config.sample.get("guidance_scale") if guidance_scale == _FROM_CONFIG else guidance_scale
+        first_stage = self.first_stage
+        channels = guided_channels(self.config, options, self.example_shape)
+
+        def network(params: nnx.State, x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
+            return output(model_apply(self.graphdef, params, x_t, t, cond))
+
+        def draw(params: nnx.State, key: jax.Array, cond: conditioning.Cond) -> jax.Array:
+            noise_key, chain_key = jax.random.split(key)
+            x_T = sde.as_process(self.schedule).prior_sample(noise_key, (num_samples, *self.example_shape))
+            if scale is None or scale == 1.0:
+                model_fn = functools.partial(network, params, cond=cond)
+            else:
+                model_fn = guidance.classifier_free(functools.partial(network, params), cond, num_classes, scale - 1.0,
+                                                    channels=channels)
+            x0 = sampler_fn(model_fn, self.schedule, chain_key, x_T, prediction=self.config.diffusion.prediction,
+                            **options)
+            return x0 if first_stage is None else first_stage.decode(x0)
+
+        return jax.jit(draw)(self.params, key, cond)
 
 
 def load(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import load_config, tiny_digits_config
 
+import diffusion_jax as dj
 from diffusion_jax import conditioning, guidance, objectives
 from diffusion_jax.metrics import digits
 from diffusion_jax.training import experiment, optimizer
@@ -80,5 +81,9 @@ def test_guided_digits_are_of_the_requested_class(digits_data_dir, tmp_path):
         exp = experiment.build(config)
         samples, _ = generate(exp.sample_fn, experiment.sampling_params(config, state), jax.random.key(0), 200)
         accuracy[scale] = digits.class_accuracy(samples, labels)
+    # The notebook's way: the loaded model's `sample` labels (0, 1, 2, ... cycling) and guides as sample mode does.
+    guided = dj.load(tmp_path).sample(jax.random.key(1), 200, guidance_scale=3.0)
+    accuracy["dj.load"] = digits.class_accuracy(np.asarray(guided), labels)
     assert accuracy[1.0] > 0.3, accuracy
     assert accuracy[3.0] > accuracy[1.0] and accuracy[3.0] > 0.6, accuracy
+    assert accuracy["dj.load"] > 0.6, accuracy

@@ -84,6 +84,7 @@ def test_latent_diffusion_trains_on_scaled_latents_and_samples_pixels(
     assert scale > 0  # LDM's 1 / std(z) of the first batch, stored with the run
     model = dj.load(tmp_path)
     assert model.config.latent.scale_factor == scale and model.example_shape == (4, 4, 2)
+    assert model.sample(jax.random.key(0), 2, steps=2).shape == (2, 8, 8, 1)  # decoded to pixels
     assert np.load(tmp_path / "samples" / "samples_2.npz")["arr_0"].shape == (8, 8, 8, 1)  # decoded pixels
 
     # Sample mode and resumes read the scale factor back from the checkpoint.

@@ -194,6 +194,18 @@ def test_load_reads_the_config_from_the_checkpoint_not_config_json(tmp_path, dig
     np.testing.assert_array_equal(jax.tree.leaves(raw.params)[0], jax.tree.leaves(state.params)[0])
     x = np.zeros((2, 8, 8, 1), np.float32)
     assert model.model_fn()(x, np.array([0, 5])).shape == (2, 8, 8, 1)
+    # `sample` is the registry sampler on the network, x_T from the prior, options from config.sample but overridden.
+    key = jax.random.key(1)
+    noise_key, chain_key = jax.random.split(key)
+    by_hand = dj.samplers.get("ddim")(model.model_fn(), model.schedule, chain_key,
+                                      jax.random.normal(noise_key, (3, 8, 8, 1)), steps=4, prediction="eps",
+                                      clip_x0=model.config.sample.clip_x0)
+    np.testing.assert_allclose(model.sample(key, 3, sampler="ddim", steps=4), by_hand, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"^sample\(options\): the 'ddim' sampler has no option 'order'; it takes "
+                                          r"\['clip_x0', 'edit', 'eta', 'spacing', 'steps'\]"):
+        model.sample(key, 3, sampler="ddim", order=2)
+    with pytest.raises(ConfigError, match=r"^sample.sampler: unknown sampler 'dddim'"):
+        model.sample(key, 3, sampler="dddim")
     with pytest.raises(ConfigError, match=r"^workdir: 0.5 is not in training.ema_decays \[0.9, 0.99\]"):
         dj.load(tmp_path, ema_decay=0.5)
     with pytest.raises(ConfigError, match="has no checkpoints/ directory"):

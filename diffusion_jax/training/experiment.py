@@ -1,6 +1,6 @@
 """Everything a run is built from, shared by the train and sample modes."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -11,14 +11,21 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from diffusion_jax import controlnet, convert, data, latent, loading, objectives, vlb
+from diffusion_jax import controlnet, convert, data, latent, loading, objectives, reflow, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runtime import enable_compilation_cache
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
-from diffusion_jax.training.setup import RunProcess, build_model, build_process, check_config, params_key
+from diffusion_jax.training.setup import (
+    RunProcess,
+    bind_process,
+    build_model,
+    build_process,
+    check_config,
+    params_key,
+)
 from diffusion_jax.training.step import make_train_step
 from diffusion_jax.validation import validate_config
 
@@ -158,3 +165,29 @@ def restore_or_pretrained(
 def sampling_params(config: ml_collections.ConfigDict, state: state_lib.TrainState) -> nnx.State:
     index = ema_index(config)
     return state.params if index is None else state.ema_params[index]
+
+
+def training_batches(
+    exp: Experiment, config: ml_collections.ConfigDict, start_step: int = 0
+) -> Iterator[dict[str, jax.Array]]:
+    """The global batches the train step of `config` takes from step `start_step` + 1 on, placed on `exp`'s mesh:
+    the dataset's (`data.create_iterator`), a reflow's (noise, sample) pairs (`flow.pairs_dir`), or a latent
+    run's s · z with z ~ q(z|x) of its frozen autoencoder."""
+    if exp.first_stage is not None:
+        return latent.training_batches(config, exp.first_stage, exp.batch_sharding, start_step,
+                                       jax.random.fold_in(exp.root_key, 5))
+    pairs_dir = config.get("flow", {}).get("pairs_dir")
+    pairs = None if pairs_dir is None else reflow.open_pairs(pairs_dir, exp.example_shape)
+    return data.create_iterator(config.data, global_batch_size=config.training.batch_size, seed=config.seed,
+                                start_step=start_step, sharding=exp.batch_sharding, pairs=pairs)
+
+
+def trained_model(
+    exp: Experiment, config: ml_collections.ConfigDict, state: state_lib.TrainState
+) -> loading.LoadedModel:
+    """The model of a train state in memory as `dj.load` gives a workdir's: the parameters `config` samples
+    with (`sample.ema_decay`), its noise process and first stage, so `.sample(...)` and `.model_fn()` work
+    on a run trained in a notebook."""
+    params = sampling_params(config, state)
+    return loading.LoadedModel(config, int(state.step), exp.graphdef, params,
+                               bind_process(exp.schedule, exp.graphdef, params), exp.example_shape, exp.first_stage)

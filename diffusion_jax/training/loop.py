@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import data, latent, reflow
+from diffusion_jax import latent
 from diffusion_jax.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from diffusion_jax.evaluate import Evaluator, write_results
 from diffusion_jax.training import experiment, run_config, throughput
@@ -221,16 +221,7 @@ def _run(
         num_params / 1e6, jax.device_count(), jax.process_count(), dict(exp.mesh.shape),
         mesh_lib.describe(exp.state_shardings, state),
     )
-    if exp.first_stage is None:
-        pairs_dir = config.get("flow", {}).get("pairs_dir")  # reflow: (noise, sample) pairs, not the dataset
-        batches = data.create_iterator(
-            config.data, global_batch_size=training.batch_size, seed=config.seed, start_step=start_step,
-            sharding=exp.batch_sharding,
-            pairs=None if pairs_dir is None else reflow.open_pairs(pairs_dir, exp.example_shape),
-        )
-    else:  # latent diffusion: the denoiser trains on s * z, z ~ q(z|x)
-        batches = latent.training_batches(config, exp.first_stage, exp.batch_sharding, start_step,
-                                          jax.random.fold_in(exp.root_key, 5))
+    batches = experiment.training_batches(exp, config, start_step)
     first_batch = next(batches)
     train_step, compile_seconds, step_flops = throughput.compile_step(
         experiment.jit_train_step(exp, config), state, first_batch

@@ -29,6 +29,7 @@ from diffusion_jax.training.setup import (
     Process,
     RunProcess,
     bind_process,
+    guided_channels,
     model_apply,
     network_output_fn,
     process_memo,
@@ -151,10 +152,7 @@ def make_sample_fn(
             f"model.num_classes is {num_classes}"
         )
     label_classes = num_classes if classifier is None else classifier.num_classes
-    # Guidance combines the prediction's channels; a learned variance (the second half) stays conditional.
-    guided_channels = config.sample.get("guidance_channels")
-    if guided_channels is None and learn_sigma and options.get("variance") == "learned_range":
-        guided_channels = example_shape[-1]
+    channels = guided_channels(config, options, example_shape)
     labels = None if label_classes is None else jnp.asarray(sample_labels(batch_size, label_classes, batch_size))
     model_cond = labels if num_classes is not None else None  # what the diffusion model is given
     if text:
@@ -186,7 +184,7 @@ def make_sample_fn(
 
         if guidance_scale is not None and guidance_scale != 1.0:
             model_fn = guidance.classifier_free(
-                network, cond, num_classes, guidance_scale - 1.0, channels=guided_channels
+                network, cond, num_classes, guidance_scale - 1.0, channels=channels
             )
         else:
 

@@ -217,6 +217,16 @@ def network_output_fn(learn_sigma: bool, options: dict) -> Callable[[jax.Array],
     return lambda out: out
 
 
+def guided_channels(config: ml_collections.ConfigDict, options: dict, example_shape: tuple[int, ...]) -> int | None:
+    """The output channels classifier-free guidance combines (`guidance.classifier_free(channels=...)`):
+    `sample.guidance_channels`, else with a learned variance the sampler uses, the prediction's (the variance,
+    the second half, stays conditional); None: all."""
+    channels = config.sample.get("guidance_channels")
+    if channels is None and config.model.get("learn_sigma") and options.get("variance") == "learned_range":
+        channels = example_shape[-1]
+    return channels
+
+
 def check_config(config: ml_collections.ConfigDict, schedule: RunProcess, example_shape: tuple[int, ...]) -> None:
     """Validates the fields that a run would otherwise first use late (sampling at step N).
 
