@@ -2,6 +2,10 @@
 
     python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits
     python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits --mode=eval
+    # autoguidance (Karras et al. 2024) by the same run at step 500: sample or eval mode
+    python -m diffusion_jax.main --config=configs/ddpm_digits.py --workdir=runs/ddpm_digits --mode=sample \
+        --config.sample.guide_workdir=runs/ddpm_digits --config.sample.guide_step=500 \
+        --config.sample.guidance_scale=2 --config.sample.sampler=dpm_solver++ --config.sample.steps=25
 
 Sized to finish on a 2-core CPU in under 10 minutes: a small U-Net, Ho et al.'s
 linear schedule and L_simple, and ancestral sampling respaced to 100 steps. Eval mode scores it

@@ -104,7 +104,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `classifier_workdir` (the workdir of a `training.objective='classify'` run: its config.json and newest
   checkpoint give the classifier) and `classifier_scale` s for classifier guidance (Dhariwal & Nichol
   2021: p(x) p(y | x)^s; 1: the class-conditional distribution), Algorithm 1 under the 'ddpm' sampler and
-  Algorithm 2 under the others. A ControlNet (`model.name='controlnet_unet'`) follows `control_image` (a .png, or
+  Algorithm 2 under the others. `guide_workdir` (a weaker run of the same data, process and prediction: a
+  smaller model, or the same one trained less; `guide_step` picks its checkpoint, None the newest) makes
+  `guidance_scale` autoguidance (Karras et al. 2024) instead of classifier-free guidance.
+  A ControlNet (`model.name='controlnet_unet'`) follows `control_image` (a .png, or
   a samples .npz whose arr_0 is uint8 [N, H, W, C_c], used as the control; None: the `controlnet.control`
   images of the test split's first digits). A super-resolution model (`model.low_res_size`) is conditioned on
   `low_res_image` (a .png or a samples .npz of low-res images; None: the test split's images area-downsampled),
@@ -260,6 +263,8 @@ def base_config() -> ml_collections.ConfigDict:
             guidance_channels=placeholder(int),
             classifier_workdir=placeholder(str),
             classifier_scale=1.0,
+            guide_workdir=placeholder(str),
+            guide_step=placeholder(int),
             rho=placeholder(float),
             s_churn=placeholder(float),
             s_tmin=placeholder(float),

@@ -2,6 +2,8 @@
 that any sampler drives unchanged (DESIGN §4 'Denoiser').
 
 - Classifier-free guidance (Ho & Salimans 2022): `classifier_free`.
+- Autoguidance (Karras et al. 2024, arXiv 2406.02507): `autoguidance`, guided by a weaker version of the
+  model itself (smaller, or trained less) in place of the unconditional one.
 - Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, §4): `classifier_grad` builds
   s * grad_{x_t} log p(y | x_t, t) from a noise-aware classifier; `classifier_guided` applies it
   to the denoiser (their Algorithm 2, for DDIM and every other eps-based sampler), and the
@@ -75,6 +77,33 @@ def classifier_free(
         if channels is None:
             return guided_out
         return jnp.concatenate([guided_out[..., :channels], conditional[..., channels:]], axis=-1)
+
+    return guided
+
+
+def autoguidance(
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    guide_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    guidance_weight: float,
+    channels: int | None = None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Autoguidance (Karras et al. 2024, arXiv 2406.02507, Eq. 1):
+
+        D_s(x; σ, c) = s D_1(x; σ, c) + (1 − s) D_0(x; σ, c),   s = 1 + w,
+
+    with D_1 the model and D_0 (`guide_fn`) a weaker version of it: smaller, trained for fewer steps,
+    or both, with the same conditioning closed over. Where CFG's unconditional model differs from the
+    conditional one in what it models, the weak model differs in the errors it makes, so extrapolating
+    away from it corrects those errors without CFG's loss of variation (Fig. 1). `guidance_weight` is w
+    (w = 0: the model itself), as in `classifier_free`; the weights sum to one, so it holds for an eps, x0
+    or v network alike (both must predict the same kind on the same process). `channels=k` guides the
+    first k output channels and keeps the model's values in the rest (a learned variance)."""
+
+    def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        strong, weak = model_fn(x_t, t), guide_fn(x_t, t)
+        if channels is not None:
+            weak = jnp.concatenate([weak[..., :channels], strong[..., channels:]], axis=-1)
+        return strong + jnp.asarray(guidance_weight, strong.dtype) * (strong - weak)
 
     return guided
 

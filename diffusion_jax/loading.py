@@ -69,6 +69,7 @@ class LoadedModel(NamedTuple):
         sampler: str | None = None,
         cond: conditioning.Cond = None,
         guidance_scale: float | None | str = _FROM_CONFIG,
+        guide: "LoadedModel | None" = None,
         **options: Any,
     ) -> jax.Array:
         """`num_samples` samples [N, *example_shape] as the run's sample mode draws them, compiled as one program.
@@ -77,7 +78,8 @@ class LoadedModel(NamedTuple):
         `clip_x0`, ...) from the same-named `config.sample` fields, `options` overriding them; x_T comes
         from the process's prior (N(0, σ_max² I) for EDM). A class-conditional model gets `cond`, by
         default the labels 0, 1, 2, ... cycling, and classifier-free guidance at `guidance_scale`
-        (s = 1 + w; default the config's `sample.guidance_scale`; None or 1: none). A learned variance
+        (s = 1 + w; default the config's `sample.guidance_scale`; None or 1: none); with a `guide` (a weaker
+        version of this model, `check_guide`), autoguidance at that scale instead. A learned variance
         is used where the sampler can ('ddpm'). A latent run's samples are decoded to pixels. An option
         the sampler does not take is a ConfigError naming it and the ones it does. Classifier guidance and
         edits are not applied here: compose `dj.guidance` and `dj.editing` with `model_fn` for those.
@@ -105,10 +107,23 @@ class LoadedModel(NamedTuple):
         def network(params: nnx.State, x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
             return output(model_apply(self.graphdef, params, x_t, t, cond))
 
-        def draw(params: nnx.State, key: jax.Array, cond: conditioning.Cond) -> jax.Array:
+        if guide is not None:
+            check_guide(self.config, self.example_shape, guide, "sample(guide)")
+            guide_output = network_output_fn(bool(guide.config.model.get("learn_sigma")), {})
+
+        def draw(
+            params: nnx.State, guide_params: nnx.State | None, key: jax.Array, cond: conditioning.Cond
+        ) -> jax.Array:
             noise_key, chain_key = jax.random.split(key)
             x_T = sde.as_process(self.schedule).prior_sample(noise_key, (num_samples, *self.example_shape))
-            if scale is None or scale == 1.0:
+            if guide is not None and scale is not None:
+
+                def guide_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+                    return guide_output(model_apply(guide.graphdef, guide_params, x_t, t, cond))
+
+                model_fn = guidance.autoguidance(functools.partial(network, params, cond=cond), guide_fn, scale - 1.0,
+                                                 channels=channels)
+            elif scale is None or scale == 1.0:
                 model_fn = functools.partial(network, params, cond=cond)
             else:
                 model_fn = guidance.classifier_free(functools.partial(network, params), cond, num_classes, scale - 1.0,
@@ -117,7 +132,7 @@ class LoadedModel(NamedTuple):
                             **options)
             return x0 if first_stage is None else first_stage.decode(x0)
 
-        return jax.jit(draw)(self.params, key, cond)
+        return jax.jit(draw)(self.params, None if guide is None else guide.params, key, cond)
 
 
 def load(
@@ -177,6 +192,30 @@ def load(
         checkpointer.close()
     detail = f" ({'; '.join(failures)})" if failures else ""
     raise ConfigError(f"{field}: {workdir} has no checkpoint that could be read{detail}; train there first")
+
+
+def check_guide(
+    config: ml_collections.ConfigDict, example_shape: tuple[int, ...], guide: LoadedModel, field: str
+) -> None:
+    """That `guide` can autoguide the model of `config` (`guidance.autoguidance`): the same examples, noise
+    process and prediction (their outputs are combined at the same x_t and t) and the same conditioning.
+    Anything else is a one-line ConfigError naming `field`."""
+    ours, theirs = config.diffusion, guide.config.diffusion
+    if theirs.get("process", "discrete") != ours.get("process", "discrete") or ours.get("process") == "vdm":
+        raise ConfigError(f"{field}: autoguidance needs the model's fixed noise process; the guide's diffusion.process "
+                          f"is {theirs.get('process')!r}, the model's {ours.get('process')!r} (a learned 'vdm' one "
+                          "differs per model)")
+    for name in ("schedule", "num_timesteps", "prediction"):
+        if theirs.get(name) != ours.get(name):
+            raise ConfigError(f"{field}: the guide's diffusion.{name} is {theirs.get(name)!r}, the model's "
+                              f"{ours.get(name)!r}; autoguidance combines predictions of the same kind at the same t")
+    if tuple(guide.example_shape) != tuple(example_shape):
+        raise ConfigError(f"{field}: the guide makes examples {tuple(guide.example_shape)}, the model "
+                          f"{tuple(example_shape)}")
+    for name in ("num_classes", "text_encoder"):
+        if guide.config.model.get(name) != config.model.get(name):
+            raise ConfigError(f"{field}: the guide's model.{name} is {guide.config.model.get(name)!r}, the model's "
+                              f"{config.model.get(name)!r}; it is called with the model's conditioning")
 
 
 def _first_device() -> jax.sharding.Sharding:

@@ -12,15 +12,18 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_digits_config
 from test_resilience import REPO, assert_same_state, cli_args, cli_env, wait_for
 
 import diffusion_jax as dj
+from diffusion_jax import guidance
 from diffusion_jax.errors import ConfigError, TrainingStopped
+from diffusion_jax.loading import check_guide
 from diffusion_jax.training import checkpoint as checkpoint_lib
-from diffusion_jax.training import throughput
+from diffusion_jax.training import experiment, throughput
 from diffusion_jax.training.loop import train
 from diffusion_jax.training.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked
 
@@ -216,6 +219,27 @@ def test_load_reads_the_config_from_the_checkpoint_not_config_json(tmp_path, dig
         train(config, tmp_path)  # a resume repairs the broken config.json
     assert "config.json was not valid JSON; rewritten" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text())["training"]["num_steps"] == 3
+
+    # Autoguidance by the same run trained less (Karras et al. 2024), three ways: by hand, `sample(guide=...)`
+    # and sample mode with sample.guide_workdir; all the same chain from the same key.
+    model, guide = dj.load(tmp_path), dj.load(tmp_path, step=2)
+    by_hand = dj.samplers.get("ddim")(guidance.autoguidance(model.model_fn(), guide.model_fn(), 1.0), model.schedule,
+                                      chain_key, jax.random.normal(noise_key, (8, 8, 8, 1)), steps=5, prediction="eps",
+                                      clip_x0=1.0)
+    np.testing.assert_allclose(model.sample(key, 8, guide=guide, guidance_scale=2.0), by_hand, atol=1e-5)
+    config.sample.update(guide_workdir=str(tmp_path), guide_step=2, guidance_scale=2.0)
+    exp = experiment.build(config)  # its mesh spans the 8 test devices: the parameters go there replicated
+    np.testing.assert_allclose(exp.sample_fn(dj.load(tmp_path, sharding=exp.replicated).params, key)[0], by_hand,
+                               atol=1e-5)
+    config.sample.guidance_scale = None
+    with pytest.raises(ConfigError, match=r"^sample.guide_workdir: autoguidance needs sample.guidance_scale"):
+        experiment.build(config)
+    other = ml_collections.ConfigDict(guide.config.to_dict())
+    other.diffusion.prediction = "v"
+    with pytest.raises(ConfigError, match=r"^g: the guide's diffusion.prediction is 'v', the model's 'eps'"):
+        check_guide(model.config, model.example_shape, guide._replace(config=other), "g")
+    with pytest.raises(ConfigError, match=r"^g: the guide makes examples \(4, 4, 1\), the model \(8, 8, 1\)"):
+        check_guide(model.config, model.example_shape, guide._replace(example_shape=(4, 4, 1)), "g")
 
 
 # ----------------------------------------------------------------------- two runs, Ctrl-C, from the command line

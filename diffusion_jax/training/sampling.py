@@ -22,7 +22,7 @@ from PIL import Image
 from diffusion_jax import conditioning, distributed, editing, guidance, sde
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.loading import load
+from diffusion_jax.loading import LoadedModel, check_guide, load
 from diffusion_jax.super_resolution import nearest_upsample
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training.setup import (
@@ -84,6 +84,23 @@ def load_classifier(
     return Classifier(loaded.graphdef, loaded.params, int(cls_config.model.num_classes))
 
 
+def load_guide(
+    config: ml_collections.ConfigDict, example_shape: tuple[int, ...], sharding: NamedSharding
+) -> LoadedModel | None:
+    """The autoguidance model of `sample.guide_workdir` (None when unset): its checkpoint of `sample.guide_step`
+    (default the newest), the EMA its own config samples with, replicated; checked by `loading.check_guide`."""
+    workdir = config.sample.get("guide_workdir")
+    if workdir is None:
+        return None
+    if config.sample.get("guidance_scale") is None:
+        raise ConfigError("sample.guide_workdir: autoguidance needs sample.guidance_scale (s = 1 + w; s > 1 guides "
+                          "away from the guide, 1 is the model alone)")
+    guide = load(workdir, step=config.sample.get("guide_step"), sharding=mesh_lib.replicated(sharding.mesh),
+                 field="sample.guide_workdir")
+    check_guide(config, example_shape, guide, f"sample.guide_workdir: {workdir}")
+    return guide
+
+
 def _no_samples(params: nnx.State, key: jax.Array, inputs: dict | None = None) -> jax.Array:
     raise ConfigError(
         "training.objective: a 'classify' run trains a noise-aware classifier and draws no samples; "
@@ -123,6 +140,9 @@ def make_sample_fn(
     `sample.guidance_scale` = s classifier-free guidance (s = 1 + w of Ho & Salimans:
     s = 1 is the conditional model; see `guidance.classifier_free`).
 
+    With `sample.guide_workdir` (`load_guide`), autoguidance at `sample.guidance_scale` instead of CFG
+    (Karras et al. 2024, `guidance.autoguidance`): the model extrapolated away from that weaker one.
+
     With `sample.classifier_workdir` (see `load_classifier`), classifier guidance at scale
     `sample.classifier_scale` towards the same cycling labels (Dhariwal & Nichol 2021):
     Algorithm 1, the `cond_fn` mean shift, under the 'ddpm' sampler, and Algorithm 2,
@@ -142,9 +162,10 @@ def make_sample_fn(
     num_classes = config.model.get("num_classes")
     guidance_scale = config.sample.get("guidance_scale")
     text = config.model.get("text_encoder") is not None
-    if guidance_scale is not None and num_classes is None and not text:
+    guide = load_guide(config, example_shape, sharding)
+    if guidance_scale is not None and num_classes is None and not text and guide is None:
         raise ConfigError("sample.guidance_scale: classifier-free guidance needs a conditional model "
-                          "(set model.num_classes or model.text_encoder)")
+                          "(set model.num_classes or model.text_encoder), autoguidance a sample.guide_workdir")
     classifier = load_classifier(config, example_shape, sharding)
     if classifier is not None and num_classes is not None and classifier.num_classes != num_classes:
         raise ConfigError(
@@ -166,9 +187,11 @@ def make_sample_fn(
     default_inputs = editing.sample_inputs(config, example_shape, batch_size)  # now: a bad image fails at build
     edits = editing.EditOptions.from_config(config.sample, options)
 
+    guide_output = None if guide is None else network_output_fn(bool(guide.config.model.get("learn_sigma")), {})
+
     def sample(
-        schedule: Process, params: nnx.State, classifier_params: nnx.State | None, key: jax.Array,
-        inputs: dict[str, jax.Array],
+        schedule: Process, params: nnx.State, classifier_params: nnx.State | None, guide_params: nnx.State | None,
+        key: jax.Array, inputs: dict[str, jax.Array],
     ) -> tuple[jax.Array, jax.Array]:
         noise_key, chain_key = jax.random.split(key)
         process = schedule  # with sample.t0, already cut there (`sample_fn`)
@@ -182,7 +205,14 @@ def make_sample_fn(
         def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
             return output(model_apply(graphdef, params, x_t, t, cond))
 
-        if guidance_scale is not None and guidance_scale != 1.0:
+        if guide is not None:  # autoguidance: away from the weaker model, same conditioning
+
+            def guide_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+                return guide_output(model_apply(guide.graphdef, guide_params, x_t, t, cond))
+
+            model_fn = guidance.autoguidance(lambda x_t, t: network(x_t, t, cond), guide_fn, guidance_scale - 1.0,
+                                             channels=channels)
+        elif guidance_scale is not None and guidance_scale != 1.0:
             model_fn = guidance.classifier_free(
                 network, cond, num_classes, guidance_scale - 1.0, channels=channels
             )
@@ -220,6 +250,7 @@ def make_sample_fn(
     out_shardings = (sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     compiled = process_memo(lambda process: jax.jit(functools.partial(sample, process), out_shardings=out_shardings))
     classifier_params = None if classifier is None else classifier.params
+    guide_params = None if guide is None else guide.params
     bound: dict = {}  # a VDM's process, bound once per parameters (`generate` calls with the same ones per batch)
 
     def sample_fn(
@@ -229,7 +260,7 @@ def make_sample_fn(
             # SDEdit's process is cut at sample.t0 here, outside the trace, once per parameters.
             bound.update(params=params, process=edits.process(bind_process(schedule, graphdef, params)))
         inputs = default_inputs if inputs is None else inputs
-        return compiled(bound["process"])(params, classifier_params, key, inputs)
+        return compiled(bound["process"])(params, classifier_params, guide_params, key, inputs)
 
     return sample_fn
 
