@@ -27,6 +27,7 @@ from diffusion_jax import (
     inpaint,
     likelihood,
     models,
+    runtime,
     samplers,
     schedules,
     sde,
@@ -37,7 +38,8 @@ _LAZY_MODULES = ("config", "data", "loading", "metrics", "training")
 
 __all__ = [
     "LoadedModel", "conditioning", "config", "data", "diffusion", "editing", "exact", "guidance", "inpaint",
-    "likelihood", "load", "loading", "metrics", "models", "samplers", "schedules", "sde", "training", "vlb",
+    "likelihood", "load", "loading", "metrics", "models", "runtime", "samplers", "schedules", "sde", "training",
+    "vlb",
 ]
 
 

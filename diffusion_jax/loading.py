@@ -75,7 +75,8 @@ class LoadedModel(NamedTuple):
         """`num_samples` samples [N, *example_shape] as the run's sample mode draws them, compiled as one program.
 
         `sampler` (default the config's `sample.sampler`) takes its options (`steps`, `eta`, `spacing`,
-        `clip_x0`, ...) from the same-named `config.sample` fields, `options` overriding them; x_T comes
+        `clip_x0`, ...) from the same-named `config.sample` fields, `options` that are not None overriding
+        them; x_T comes
         from the process's prior (N(0, σ_max² I) for EDM). A class-conditional model gets `cond`, by
         default the labels 0, 1, 2, ... cycling, and classifier-free guidance at `guidance_scale`
         (s = 1 + w; default the config's `sample.guidance_scale`; None or 1: none); with a `guide` (a weaker
@@ -95,7 +96,7 @@ class LoadedModel(NamedTuple):
         if unknown:
             raise ConfigError(f"sample(options): the {sample_config.sampler!r} sampler has no option {unknown[0]!r}; "
                               f"it takes {sorted(allowed)}")
-        options = config_options | options
+        options = config_options | {name: value for name, value in options.items() if value is not None}
         output = network_output_fn(learn_sigma, options)
         num_classes = self.config.model.get("num_classes")
         if cond is None and num_classes is not None:

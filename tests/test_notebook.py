@@ -37,7 +37,7 @@ def test_quickstart_executes(tmp_path: Path, digits_data_dir: str) -> None:
     notebook = read()
     parameters_cell(notebook).source = (
         f"FAST = True\nDATA_DIR = {digits_data_dir!r}\nWORKDIR = {str(tmp_path / 'ddpm_digits')!r}\n"
-        "SAMPLER = 'dpm_solver++'"
+        "SAMPLER = 'dpm_solver++'\nSTEPS = 4"
     )
     # One CPU device, as a notebook user has (the suite simulates 8 for its sharded tests).
     env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
