@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--sampler", default="dpm_solver++")
     p.add_argument("--steps", type=int, default=25)
     args = p.parse_args()
+    dj.runtime.configure_xla_flags()  # main's XLA:CPU flags, before the first computation
     start = time.perf_counter()
     print("\n".join(["## (a) exact ring", ""] + mixture_table()), flush=True)
     if args.workdir:
