@@ -76,8 +76,7 @@ class LoadedModel(NamedTuple):
 
         `sampler` (default the config's `sample.sampler`) takes its options (`steps`, `eta`, `spacing`,
         `clip_x0`, ...) from the same-named `config.sample` fields, `options` that are not None overriding
-        them; x_T comes
-        from the process's prior (N(0, σ_max² I) for EDM). A class-conditional model gets `cond`, by
+        them; x_T comes from the process's prior (N(0, σ_max² I) for EDM). A class-conditional model gets `cond`, by
         default the labels 0, 1, 2, ... cycling, and classifier-free guidance at `guidance_scale`
         (s = 1 + w; default the config's `sample.guidance_scale`; None or 1: none); with a `guide` (a weaker
         version of this model, `check_guide`), autoguidance at that scale instead. A learned variance
