@@ -25,6 +25,7 @@ from diffusion_jax import (
     exact,
     guidance,
     inpaint,
+    inverse,
     likelihood,
     models,
     runtime,
@@ -38,8 +39,8 @@ _LAZY_MODULES = ("config", "data", "loading", "metrics", "training")
 
 __all__ = [
     "LoadedModel", "conditioning", "config", "data", "diffusion", "editing", "exact", "guidance", "inpaint",
-    "likelihood", "load", "loading", "metrics", "models", "runtime", "samplers", "schedules", "sde", "training",
-    "vlb",
+    "inverse", "likelihood", "load", "loading", "metrics", "models", "runtime", "samplers", "schedules", "sde",
+    "training", "vlb",
 ]
 
 

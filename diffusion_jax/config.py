@@ -34,8 +34,12 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
 - `optim`: `name` (adam | adamw), `learning_rate`, `warmup_steps`, `schedule` (constant | cosine | linear),
   `grad_clip_norm` (0: off), `b1`, `b2`, `eps`, `weight_decay`.
 - `training`: `batch_size` (global), `num_steps`, `log_every`, `checkpoint_every`, `sample_every`,
-  `keep_checkpoints`, `ema_decays` (one EMA per decay), `on_nonfinite` ('stop': exit non-zero at a
-  non-finite loss or gradient, keeping the last good checkpoint; 'skip': drop that step's update),
+  `keep_checkpoints`, `ema_decays` (one EMA per decay), `ema_sigma_rels` (EDM2's power-function EMAs, one per
+  relative width σ_rel in (0, 0.2887), whose length grows with training; EDM2 tracks (0.05, 0.1)),
+  `ema_snapshot_every` (write the power EMAs to <workdir>/ema_snapshots/ every so many steps and at the last,
+  from which `sample.ema_sigma_rel` and `eval.ema_sigma_rels` rebuild any σ_rel post hoc; 0: off),
+  `on_nonfinite` ('stop': exit non-zero at a non-finite loss or gradient, keeping the last good checkpoint;
+  'skip': drop that step's update),
   `on_checkpoint_error` (a checkpoint that cannot be written: disk full, permission, quota; 'stop': exit 1
   with one line naming the step, the space it needed and had, and the newest intact step; 'retry': log that
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
@@ -91,7 +95,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   'edges', the thresholded Sobel gradient magnitude, or 'mask', the digit's coarse mask).
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
   (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params),
-  `png_scale`, and the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
+  `ema_sigma_rel` (instead: the power EMA of this σ_rel, tracked in training or, in sample and eval mode and
+  `diffusion_jax.load`, rebuilt post hoc from the run's snapshots at the checkpoint's step), `png_scale`, and
+  the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,
   `variance`, `spacing`, `clip_x0` (ddpm, ddim, dpm_solver++, euler, heun, pc); `order`,
   `lower_order_final`, `max_step_ratio` (dpm_solver++); `rho`, `s_churn`, `s_tmin`, `s_tmax`, `s_noise`
   (euler, heun); `predictor`, `corrector`, `snr`, `n_corrector` (pc); `n_steps_each`, `step_lr`,
@@ -132,7 +138,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   averaged per example); `num_samples` drawn with `config.sample` for the sample
   metrics, `inception_weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz conversion),
   `inception_batch_size`, `reference_stats` (an .npz with mu, sigma; None: computed from `reference_split` of the
-  dataset and cached in <workdir>/eval/), `kid_subsets`, `kid_subset_size`.
+  dataset and cached in <workdir>/eval/), `kid_subsets`, `kid_subset_size`; `ema_sigma_rels` (a sweep: every
+  metric for the post-hoc EMA of each σ_rel, rebuilt from the run's snapshots, and the best by `ema_sweep_metric`,
+  lower is better; None: the first of fid, digits_fid, vlb_bpd, ode_bpd computed; (): no sweep).
 """
 
 import os
@@ -209,6 +217,8 @@ def base_config() -> ml_collections.ConfigDict:
             sample_every=50_000,
             keep_checkpoints=3,
             ema_decays=(0.9999,),
+            ema_sigma_rels=(),
+            ema_snapshot_every=0,
             on_nonfinite="stop",
             on_checkpoint_error="stop",
             lock_stale_after_s=900.0,
@@ -251,6 +261,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_samples=64,
             batch_size=64,
             ema_decay=0.9999,
+            ema_sigma_rel=placeholder(float),
             png_scale=1,
             eta=placeholder(float),
             variance=placeholder(str),
@@ -325,6 +336,8 @@ def base_config() -> ml_collections.ConfigDict:
             reference_split="train",
             kid_subsets=100,
             kid_subset_size=1000,
+            ema_sigma_rels=(),
+            ema_sweep_metric=placeholder(str),
         )
     )
     return config

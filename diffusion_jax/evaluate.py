@@ -390,16 +390,21 @@ class Evaluator:
 
     # --- all of it ----------------------------------------------------------------------------
 
-    def __call__(self, state: TrainState, step: int) -> dict[str, Any]:
-        """{"step", "metrics": {name: float}, "protocol": {...}} for `state` (a checkpoint of `step`);
+    def __call__(self, state: TrainState, step: int, ema_sigma_rel: float | None = None) -> dict[str, Any]:
+        """{"step", "metrics": {name: float}, "protocol": {...}} for `state` (a checkpoint of `step`), sampled with
+        `config.sample`'s parameters or, given `ema_sigma_rel`, that power EMA (post hoc: `ema_snapshots`);
         writes the VLB's per-term means to `<workdir>/eval/vlb_terms_<step>.npz` (process 0)."""
         config, e = self.config, self.eval
-        params = experiment.sampling_params(config, state)
+        if ema_sigma_rel is not None:
+            config = config.copy_and_resolve_references()
+            config.sample.ema_sigma_rel = ema_sigma_rel
+        params = experiment.sampling_params(config, state, self.workdir)
         key = jax.random.fold_in(jax.random.key(e.seed), step)
-        decay = config.sample.ema_decay
+        decay, sigma_rel = config.sample.ema_decay, config.sample.get("ema_sigma_rel")
         protocol: dict[str, Any] = {
             "checkpoint_step": step,
-            "params": "raw" if decay is None else f"EMA {decay}",
+            "params": f"power EMA sigma_rel {sigma_rel}" if sigma_rel is not None else
+                      "raw" if decay is None else f"EMA {decay}",
             "dataset": config.data.name,
             "image_shape": list(self.exp.example_shape),
             "seed": e.seed,
@@ -473,6 +478,32 @@ def prompt_targets(prompts: tuple[str, ...] | None, batch_size: int, n: int) -> 
     return np.tile(labels, reps)[:n], np.tile(requested, (reps, 1))[:n]
 
 
+SWEEP_METRICS = ("fid", "digits_fid", "vlb_bpd", "ode_bpd")  # lower is better; the default order of preference
+
+
+def ema_sweep(
+    evaluator: Evaluator, state: TrainState, step: int, sigma_rels: tuple[float, ...], metric: str | None
+) -> dict[str, Any]:
+    """EDM2's σ_rel sweep (§3.2): every metric for the post-hoc EMA of each σ_rel (rebuilt from the run's snapshots
+    at `step`), and the best by `metric` (lower is better; None: the first of `SWEEP_METRICS` computed). Returns the
+    best one's results with `best_ema_sigma_rel` among its metrics and the whole sweep in the protocol."""
+    runs = []
+    for sigma_rel in sigma_rels:
+        results = evaluator(state, step, ema_sigma_rel=sigma_rel)
+        if metric is None:
+            metric = next((m for m in SWEEP_METRICS if m in results["metrics"]), None)
+        if metric not in results["metrics"]:
+            raise ConfigError(f"eval.ema_sweep_metric: {metric!r} is not among the metrics computed "
+                              f"({sorted(results['metrics'])}); name one of them (lower is better)")
+        logging.info("σ_rel %g: %s", sigma_rel, ", ".join(f"{k} {v:.4g}" for k, v in results["metrics"].items()))
+        runs.append((sigma_rel, results))
+    sweep = {"metric": metric, "lower_is_better": True, "results": {str(s): dict(r["metrics"]) for s, r in runs}}
+    best_sigma_rel, best = min(runs, key=lambda run: run[1]["metrics"][metric])
+    best["metrics"]["best_ema_sigma_rel"] = best_sigma_rel
+    best["protocol"]["ema_sweep"] = sweep
+    return best
+
+
 def write_results(workdir: str | Path, results: dict[str, Any], writer: MetricWriter) -> Path:
     """`<workdir>/eval/eval_<step>.json` and the `eval/<name>` scalars in metrics.jsonl / TensorBoard."""
     step = results["step"]
@@ -508,7 +539,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         checkpointer.close()
     step = int(state.step)
     logging.info("Evaluating %s at step %d", ", ".join(evaluator.metrics), step)
-    results = evaluator(state, step)
+    sweep = tuple(config.eval.get("ema_sigma_rels") or ())
+    results = ema_sweep(evaluator, state, step, sweep, config.eval.get("ema_sweep_metric")) if sweep else evaluator(
+        state, step)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     try:
         path = write_results(workdir, results, writer)

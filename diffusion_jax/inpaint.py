@@ -25,14 +25,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, inverse
 
 
 def conditional_denoiser(
     model_fn: diffusion.ModelFn, process: Any, prediction: str, known: jax.Array, mask: jax.Array,
     cg_steps: int = 8,
 ) -> diffusion.ModelFn:
-    """`model_fn(x_t, t)` of the same `prediction` kind, denoising towards E[x_0 | x_t, m ⊙ x_0 = m ⊙ known].
+    """`model_fn(x_t, t)` of the same `prediction` kind, denoising towards E[x_0 | x_t, m ⊙ x_0 = m ⊙ known]:
+    `inverse.posterior_denoiser`'s 'tweedie' method for the noiseless mask, with the known part of x̂_0 set to
+    `known` (which the solve already gives, up to its accuracy).
 
     Args:
         model_fn: the unconditional denoiser, `model_fn(x_t, t)`.
@@ -45,34 +47,11 @@ def conditional_denoiser(
             J_kk is symmetric positive definite for the exact denoiser, nearly so for a trained one).
     """
 
-    def conditioned(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array) -> jax.Array:
+    def conditioned(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array, alpha: jax.Array,
+                    sigma: jax.Array) -> jax.Array:
         m = jnp.broadcast_to(mask, x_t.shape).astype(x_t.dtype)
         y = jnp.broadcast_to(known, x_t.shape).astype(x_t.dtype)
-        x0, jvp = jax.linearize(denoise, x_t)
-        z = conjugate_gradient(lambda v: m * jvp(m * v), m * (y - x0), cg_steps)
-        x0 = x0 + jvp(m * z)
-        return m * y + (1.0 - m) * x0  # the known part is y (already, up to the solve's accuracy)
+        x0 = inverse.x0_correction(inverse.mask(m), m * y, 0.0, "tweedie", 1.0, cg_steps)(denoise, x_t, alpha, sigma)
+        return m * y + (1.0 - m) * x0
 
     return diffusion.with_x0(model_fn, process, prediction, conditioned)
-
-
-def conjugate_gradient(apply: Callable[[jax.Array], jax.Array], b: jax.Array, steps: int) -> jax.Array:
-    """x with apply(x) ≈ b after `steps` iterations, per example: each example of the batch [B, ...] is its own
-    symmetric positive (semi)definite system (Hestenes & Stiefel 1952); a converged example stays put."""
-    axes = tuple(range(1, b.ndim))
-
-    def dot(u: jax.Array, v: jax.Array) -> jax.Array:
-        return jnp.sum(u * v, axis=axes, keepdims=True)  # [B, 1, ...]
-
-    def step(carry: tuple, _: None) -> tuple[tuple, None]:
-        x, r, p, rr = carry
-        ap = apply(p)
-        pap = dot(p, ap)
-        a = jnp.where(pap > 0, rr / jnp.where(pap > 0, pap, 1.0), 0.0)
-        x, r = x + a * p, r - a * ap
-        rr_new = dot(r, r)
-        p = r + jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0) * p
-        return (x, r, p, rr_new), None
-
-    (x, *_), _ = jax.lax.scan(step, (jnp.zeros_like(b), b, b, dot(b, b)), None, length=steps)
-    return x

@@ -22,11 +22,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from diffusion_jax import conditioning, data, guidance, latent, sde
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.training import run_config
+from diffusion_jax.training import ema_snapshots, run_config
 from diffusion_jax.training.checkpoint import Checkpointer
 from diffusion_jax.training.setup import (
     Process,
@@ -38,6 +39,7 @@ from diffusion_jax.training.setup import (
     network_output_fn,
     sampler_from_config,
 )
+from diffusion_jax.training.state import num_emas
 
 _FROM_CONFIG = "config"
 
@@ -140,13 +142,17 @@ def load(
     *,
     step: int | None = None,
     ema_decay: float | None | str = _FROM_CONFIG,
+    ema_sigma_rel: float | None | str = _FROM_CONFIG,
     sharding: jax.sharding.Sharding | None = None,
     field: str = "workdir",
 ) -> LoadedModel:
     """The model of a training workdir's checkpoint (`step`, default the newest readable one).
 
     `ema_decay`: which of the run's `training.ema_decays` to load (None: the raw parameters;
-    default: its config's `sample.ema_decay`). `sharding`: where the parameters go (default the
+    default: its config's `sample.ema_decay`). `ema_sigma_rel`, when not None (default: its config's
+    `sample.ema_sigma_rel`), takes precedence: the power EMA of that σ_rel, tracked by the run
+    (`training.ema_sigma_rels`) or rebuilt post hoc from its snapshots at the checkpoint's step
+    (`training.ema_snapshots.reconstruct`; EDM2). `sharding`: where the parameters go (default the
     first device). `field` names the config field or flag that gave `workdir` in error messages,
     which are one-line `ConfigError`s: no workdir, no checkpoint, an EMA the run did not keep.
     """
@@ -172,20 +178,30 @@ def load(
             if first_stage is not None:
                 example_shape = first_stage.latent_shape
             graphdef, init_params = build_model(config, example_shape)
-            index = ema_index(config, config.sample.get("ema_decay") if ema_decay == _FROM_CONFIG else ema_decay, field)
+            sigma_rel = config.sample.get("ema_sigma_rel") if ema_sigma_rel == _FROM_CONFIG else ema_sigma_rel
+            if sigma_rel is None:
+                index = ema_index(config, config.sample.get("ema_decay") if ema_decay == _FROM_CONFIG else ema_decay,
+                                  field)
+            else:
+                index = ema_snapshots.power_ema_slots(config).get(float(sigma_rel), "post hoc")
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or _first_device()),
                 jax.eval_shape(init_params, jax.random.key(0)),
             )
-            wanted = {"params": target} if index is None else {
-                "ema_params": [target if i == index else None for i in range(len(config.training.ema_decays))]
-            }
-            try:
-                restored = checkpointer.restore_subtrees(candidate, wanted)
-            except Exception as e:  # noqa: BLE001  a damaged checkpoint: try the next older one
-                failures.append(f"step {candidate}: {type(e).__name__}")
-                continue
-            params = restored["params"] if index is None else restored["ema_params"][index]
+            if index == "post hoc":
+                params, info = ema_snapshots.reconstruct(workdir, candidate, float(sigma_rel), target,
+                                                         field=f"{field} (ema_sigma_rel)")
+                logging.info("%s: the %s", workdir, ema_snapshots.summary(info))
+            else:
+                wanted = {"params": target} if index is None else {
+                    "ema_params": [target if i == index else None for i in range(num_emas(config.training))]
+                }
+                try:
+                    restored = checkpointer.restore_subtrees(candidate, wanted)
+                except Exception as e:  # noqa: BLE001  a damaged checkpoint: try the next older one
+                    failures.append(f"step {candidate}: {type(e).__name__}")
+                    continue
+                params = restored["params"] if index is None else restored["ema_params"][index]
             process = bind_process(build_process(config), graphdef, params)  # a VDM's: its γ's
             return LoadedModel(config, candidate, graphdef, params, process, example_shape, first_stage)
     finally:

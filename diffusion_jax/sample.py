@@ -32,7 +32,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path
     key = jax.random.fold_in(jax.random.fold_in(exp.root_key, 3), step)
     num = config.sample.num_samples
     inputs = editing.sample_inputs(config, exp.example_shape, num, key=jax.random.fold_in(key, 1))
-    samples, nfe = generate(exp.sample_fn, experiment.sampling_params(config, state), key, num, inputs or None,
+    samples, nfe = generate(exp.sample_fn, experiment.sampling_params(config, state, workdir), key, num, inputs or None,
                             config.sample.batch_size)
     logging.info("%s used %d network evaluations per sample", config.sample.sampler, nfe)
     checkpointer.close()

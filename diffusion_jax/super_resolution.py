@@ -55,7 +55,7 @@ def consistent_denoiser(
     area-downsampled image is y (up to x̂_0 clipping), however well the model learnt SR3's consistency. Meant for
     the clean low-res image (`low_res_noise` 0): projecting onto a noised one would copy its noise."""
 
-    def projected(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array) -> jax.Array:
+    def projected(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array, *_: jax.Array) -> jax.Array:
         x0 = denoise(x_t)  # [B, H, W, C]
         factor = x0.shape[1] // low_res.shape[1]
         return x0 + nearest_upsample(low_res.astype(x0.dtype) - area_downsample(x0, low_res.shape[1]), factor)

@@ -50,6 +50,8 @@ def _seq(check: Check, *, non_empty: bool = False) -> Check:
 
 
 _UNIT = _real(0.0, 1.0)  # [0, 1)
+_SIGMA_REL = _real(0.0, 0.2887, open_low=True)  # a power-function EMA's relative width (posthoc_ema)
+_SIGMA_REL_ALLOWED = "a tuple of floats in (0, 0.2887) (power-function EMA widths σ_rel, EDM2)"
 
 
 class Rule(NamedTuple):
@@ -110,6 +112,8 @@ RULES: tuple[Rule, ...] = (
     Rule("training.sample_every", _int(0), "an int >= 0 (0: only at the last step)"),
     Rule("training.keep_checkpoints", _optional(_int(1)), "None (keep all) or an int >= 1"),
     Rule("training.ema_decays", _seq(_UNIT), "a tuple of floats in [0, 1)"),
+    Rule("training.ema_sigma_rels", _seq(_SIGMA_REL), _SIGMA_REL_ALLOWED, optional=True),
+    Rule("training.ema_snapshot_every", _int(0), "an int >= 0 (0: no snapshots)", optional=True),
     Rule("training.on_nonfinite", lambda v: v in ("skip", "stop"), "'skip' or 'stop'", optional=True),
     Rule("training.on_checkpoint_error", lambda v: v in ("retry", "stop"), "'retry' or 'stop'", optional=True),
     Rule("training.lock_stale_after_s", _real(0.0, open_low=True), "a float > 0 (seconds)", optional=True),
@@ -124,6 +128,7 @@ RULES: tuple[Rule, ...] = (
     Rule("sample.num_samples", _int(1), "an int >= 1"),
     Rule("sample.batch_size", _int(1), "a positive int"),
     Rule("sample.ema_decay", _optional(_UNIT), "None (raw params) or a float in [0, 1)"),
+    Rule("sample.ema_sigma_rel", _optional(_SIGMA_REL), f"None or {_SIGMA_REL_ALLOWED[2:]}", optional=True),
     Rule("sample.png_scale", _int(1), "an int >= 1"),
     Rule("sample.eta", _optional(_real(0.0)), "None or a float >= 0"),
     Rule("sample.clip_x0", _optional(_real(0.0, open_low=True)), "None (no clipping) or a float > 0"),
@@ -239,10 +244,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, num_pro
     if steps is not None and steps > num_timesteps:
         raise ConfigError(f"sample.steps: got {steps}; expected at most diffusion.num_timesteps={num_timesteps}")
     _check_objective(config)
+    _check_power_emas(config)
     from diffusion_jax.controlnet import check_config  # a ControlNet run's own fields
 
     check_config(config)
     _check_super_resolution(config)
+
+
+def _check_power_emas(config: ml_collections.ConfigDict) -> None:
+    sigma_rels = tuple(config.training.get("ema_sigma_rels", ()))
+    if len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigError(f"training.ema_sigma_rels: got {sigma_rels}; expected distinct σ_rel values")
+    if config.training.get("ema_snapshot_every", 0) and not sigma_rels:
+        raise ConfigError("training.ema_snapshot_every: snapshots are of the power EMAs of training.ema_sigma_rels, "
+                          "which is empty; set it (EDM2 tracks (0.05, 0.1)) or leave ema_snapshot_every 0")
+    if _get(config, "eval.ema_sigma_rels") is not _MISSING and config.eval.ema_sigma_rels:
+        if not _seq(_SIGMA_REL)(config.eval.ema_sigma_rels):
+            raise ConfigError(f"eval.ema_sigma_rels: got {config.eval.ema_sigma_rels!r}; expected "
+                              f"{_SIGMA_REL_ALLOWED} to sweep, or () for none")
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,7 @@
 """Everything a run is built from, shared by the train and sample modes."""
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -14,8 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 from diffusion_jax import controlnet, convert, data, latent, loading, objectives, reflow, vlb
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runtime import enable_compilation_cache
+from diffusion_jax.training import ema_snapshots, optimizer
 from diffusion_jax.training import mesh as mesh_lib
-from diffusion_jax.training import optimizer
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.sampling import SampleFn, make_sample_fn
 from diffusion_jax.training.setup import (
@@ -80,8 +81,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         # The objective's starting point (a copy: the state's buffers are donated), else the initialiser.
         params = init_params(params_key(config)) if initial is None else jax.tree.map(jnp.copy, initial)
         history = vlb.TimestepHistory.create(schedule.num_timesteps) if importance else None
-        return state_lib.create(params, tx, len(config.training.ema_decays), jax.random.fold_in(root_key, 1), history,
-                                teacher)
+        return state_lib.create(params, tx, state_lib.num_emas(config.training), jax.random.fold_in(root_key, 1),
+                                history, teacher)
 
     read_pretrained = controlnet.initializer(config, init_params, schedule, example_shape)  # its base, or None
     if config.model.get("pretrained") is not None:  # a PyTorch / diffusers checkpoint: checked now, read at init
@@ -162,9 +163,28 @@ def restore_or_pretrained(
     return checkpointer.restore(exp.abstract_state) if state is None else state
 
 
-def sampling_params(config: ml_collections.ConfigDict, state: state_lib.TrainState) -> nnx.State:
-    index = ema_index(config)
-    return state.params if index is None else state.ema_params[index]
+def sampling_params(
+    config: ml_collections.ConfigDict, state: state_lib.TrainState, workdir: str | Path | None = None
+) -> nnx.State:
+    """The parameters `config` samples with: the power EMA of `sample.ema_sigma_rel` if set (a tracked one, or, given
+    the run's `workdir`, one rebuilt post hoc from its snapshots at the state's step: `ema_snapshots.reconstruct`),
+    else the EMA of `sample.ema_decay` (None: the raw parameters)."""
+    sigma_rel = config.sample.get("ema_sigma_rel")
+    if sigma_rel is None:
+        index = ema_index(config)
+        return state.params if index is None else state.ema_params[index]
+    index = ema_snapshots.power_ema_slots(config).get(sigma_rel)
+    if index is not None:
+        return state.ema_params[index]
+    if workdir is None:
+        raise ConfigError(
+            f"sample.ema_sigma_rel: {sigma_rel} is not among training.ema_sigma_rels "
+            f"{tuple(config.training.get('ema_sigma_rels', ()))}; training samples with a tracked EMA (a post-hoc one "
+            "is rebuilt from the snapshots in sample or eval mode, or by diffusion_jax.load)"
+        )
+    params, info = ema_snapshots.reconstruct(workdir, int(state.step), sigma_rel, state.params)
+    logging.info("Sampling with the %s", ema_snapshots.summary(info))
+    return params
 
 
 def training_batches(

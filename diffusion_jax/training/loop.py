@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import latent
 from diffusion_jax.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from diffusion_jax.evaluate import Evaluator, write_results
-from diffusion_jax.training import experiment, run_config, throughput
+from diffusion_jax.training import ema_snapshots, experiment, run_config, throughput
 from diffusion_jax.training import mesh as mesh_lib
 from diffusion_jax.training.checkpoint import Checkpointer, CheckpointWriteError
 from diffusion_jax.training.preemption import PreemptionWatcher
@@ -96,6 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, allow_confi
     _lock_on_process_0(lock)  # first: a second run on this workdir stops before building anything
     try:
         exp = experiment.build(config)  # validates the whole config before compiling
+        if training.get("objective", "denoise") != "classify":  # a training sample's EMA must be one it tracks
+            experiment.sampling_params(config, exp.abstract_state)
         eval_every = config.get("eval", {}).get("every", 0)
         evaluator = Evaluator(config, exp, workdir) if eval_every else None  # checks the eval fields now
         checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=training.keep_checkpoints)
@@ -282,6 +284,12 @@ def _run(
                 metrics.drain(last_saved)
                 if save(step, final=step == training.num_steps):
                     last_saved = step
+            if training.get("ema_snapshot_every", 0) and _every(step, training.ema_snapshot_every, training.num_steps):
+                metrics.drain(last_saved)
+                try:
+                    ema_snapshots.write(workdir, step, state.ema_params, config)
+                except OSError as e:
+                    raise TrainingStopped(f"{e}; stopped at step {step}") from None
             if not classify and _every(step, training.sample_every, training.num_steps):
                 metrics.drain(last_saved)
                 with progress.excluded():

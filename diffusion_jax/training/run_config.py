@@ -25,9 +25,9 @@ CONFIG_FILE = "config.json"
 
 # Fields (or whole sections) whose change makes the checkpoint's state mean something else.
 PROTECTED = (
-    "model", "diffusion", "training.objective", "training.ema_decays", "optim.name", "data.name",
-    "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor", "distill", "consistency", "flow",
-    "vdm",
+    "model", "diffusion", "training.objective", "training.ema_decays", "training.ema_sigma_rels", "optim.name",
+    "data.name", "data.image_size", "latent.autoencoder_workdir", "latent.scale_factor", "distill", "consistency",
+    "flow", "vdm",
 )
 
 Changes = dict[str, tuple[Any, Any]]  # dotted field -> (checkpoint's value, this run's value)

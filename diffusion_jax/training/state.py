@@ -1,18 +1,21 @@
 """The train state: one pytree holding everything a run needs to continue exactly."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx, struct
 
+from diffusion_jax import posthoc_ema
 from diffusion_jax.vlb import TimestepHistory
 
 
 @struct.dataclass
 class TrainState:
-    """step, params, EMA params (one per decay), optimiser state and the run's base key, and with
+    """step, params, EMA params (one per `training.ema_decays`, then one per `training.ema_sigma_rels`), optimiser
+    state and the run's base key, and with
     improved DDPM's importance-sampled L_vlb the history of each L_t (`timestep_history`, else None),
     and a distillation's frozen teacher (`teacher`, the objective's `Objective.teacher`, else None).
 
@@ -22,7 +25,7 @@ class TrainState:
 
     step: jax.Array  # int32 []
     params: nnx.State
-    ema_params: tuple[nnx.State, ...]  # aligned with config.training.ema_decays
+    ema_params: tuple[nnx.State, ...]  # training.ema_decays' EMAs, then training.ema_sigma_rels' power EMAs
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data; `key` wraps it
     skipped_steps: jax.Array  # int32 []: steps whose update was dropped as non-finite
@@ -55,6 +58,22 @@ def create(
     )
 
 
-def update_emas(emas: tuple[nnx.State, ...], params: nnx.State, decays: Sequence[float]) -> tuple[nnx.State, ...]:
-    """ema <- decay * ema + (1 - decay) * params, for each decay (Polyak averaging)."""
-    return tuple(optax.incremental_update(params, ema, 1.0 - decay) for ema, decay in zip(emas, decays, strict=True))
+def num_emas(training: ml_collections.ConfigDict) -> int:
+    """How many EMAs the state of a run with config `training` keeps."""
+    return len(training.ema_decays) + len(training.get("ema_sigma_rels", ()))
+
+
+def ema_betas(training: ml_collections.ConfigDict) -> Callable[[jax.Array], tuple[float | jax.Array, ...]]:
+    """`betas(t)`: the β of each EMA's update after step t ≥ 1, aligned with the state's `ema_params`: each constant
+    decay of `training.ema_decays` (Polyak averaging), then β_γ(t) = (1 − 1/t)^(γ+1) of each power EMA of
+    `training.ema_sigma_rels` (EDM2 Eq. 2; `posthoc_ema`)."""
+    decays = tuple(training.ema_decays)
+    gammas = tuple(posthoc_ema.gamma_from_sigma_rel(s) for s in training.get("ema_sigma_rels", ()))
+    return lambda t: (*decays, *(posthoc_ema.power_beta(t, gamma) for gamma in gammas))
+
+
+def update_emas(
+    emas: tuple[nnx.State, ...], params: nnx.State, betas: Sequence[float | jax.Array]
+) -> tuple[nnx.State, ...]:
+    """ema <- β ema + (1 − β) params, for each β (`ema_betas`)."""
+    return tuple(optax.incremental_update(params, ema, 1.0 - beta) for ema, beta in zip(emas, betas, strict=True))

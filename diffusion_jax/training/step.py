@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from diffusion_jax import conditioning, controlnet, objectives, super_resolution
-from diffusion_jax.training.state import TrainState, update_emas
+from diffusion_jax.training.state import TrainState, ema_betas, update_emas
 
 Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
 
@@ -42,7 +42,7 @@ def make_train_step(
     conditional = (class_conditional or _uses_text(config)) and objective.conditions_model
     cond_dropout = config.training.get("label_dropout", 0.0) if conditional else 0.0
     null_label = config.model.get("num_classes")  # the null label's index
-    decays = tuple(config.training.ema_decays)
+    betas = ema_betas(config.training)
     accum_steps = config.training.get("grad_accum_steps", 1)
 
     def loss_and_grads(
@@ -76,9 +76,8 @@ def make_train_step(
         def update(state: TrainState) -> TrainState:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            updated = state.replace(
-                params=params, ema_params=update_emas(state.ema_params, params, decays), opt_state=opt_state
-            )
+            emas = update_emas(state.ema_params, params, betas(state.step + 1))
+            updated = state.replace(params=params, ema_params=emas, opt_state=opt_state)
             if state.timestep_history is not None:
                 updated = updated.replace(timestep_history=state.timestep_history.update(aux["t"], aux["vlb"]))
             return updated
