@@ -93,6 +93,12 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `control_channels`, `hint_channels`, on this schedule: its `sample.ema_decay` parameters become the frozen
   base and the initial trainable copy of its encoder), `control` (the control image made from each batch:
   'edges', the thresholded Sobel gradient magnitude, or 'mask', the digit's coarse mask).
+- `inverse` (sample mode; `diffusion_jax.inverse`): a linear inverse problem solved with the unconditional model,
+  y = A x_0 + `noise_std` n of the images `image` ('test': the test split's; or an image file), `operator` A
+  ('mask': the known pixels of `mask`, 'box' | 'half' | 'strokes' | an image file; 'blur': a Gaussian of
+  `blur_size` taps and `blur_std` pixels; 'downsample': f × f means, f = `factor`; None: off), sampled by `method`
+  ('tweedie': Gaussian conditioning with Tweedie's covariance, exact for Gaussian data, `cg_steps` CG iterations;
+  'pigdm': ΠGDM; 'dps': DPS with step ζ = `scale`; `scale` multiplies the others' correction).
 - `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
   (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params),
   `ema_sigma_rel` (instead: the power EMA of this σ_rel, tracked in training or, in sample and eval mode and
@@ -254,6 +260,10 @@ def base_config() -> ml_collections.ConfigDict:
         dict(kl_weight=1e-6, disc_start=0, disc_weight=0.5, rec_kind="l1", pixel_reduction="sum")
     )
     config.controlnet = ml_collections.ConfigDict(dict(base_workdir=placeholder(str), control="mask"))
+    config.inverse = ml_collections.ConfigDict(
+        dict(operator=placeholder(str), image="test", mask="box", blur_size=5, blur_std=1.0, factor=2,
+             noise_std=0.05, method="tweedie", scale=1.0, cg_steps=8)
+    )
     config.sample = ml_collections.ConfigDict(
         dict(
             sampler="ddpm",

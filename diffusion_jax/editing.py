@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import conditioning, diffusion, inpaint
+from diffusion_jax import conditioning, diffusion, inpaint, inverse
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.samplers.chain import Landing, StepFn
 from diffusion_jax.samplers.ddim import ddim_invert
@@ -114,9 +114,13 @@ class EditOptions:
     steps: int = 50
     spacing: str = "uniform"
     low_res_consistency: bool = False
+    inverse: ml_collections.ConfigDict | None = None  # `config.inverse` when it sets an operator
 
     @classmethod
-    def from_config(cls, sample: ml_collections.ConfigDict, options: dict) -> "EditOptions":
+    def from_config(cls, config: ml_collections.ConfigDict, options: dict) -> "EditOptions":
+        sample = config.sample
+        settings = config.get("inverse")
+        settings = None if settings is None or settings.get("operator") is None else settings
         method = sample.get("inpaint_method") or "replace"
         if method not in INPAINT_METHODS:
             raise ConfigError(f"sample.inpaint_method: unknown method {method!r}; choose one of: "
@@ -143,7 +147,7 @@ class EditOptions:
             t0=t0, invert=bool(sample.get("invert")), method=method, jump=sample.get("repaint_jump", 10),
             resamples=sample.get("repaint_resamples", 10), cg_steps=sample.get("inpaint_cg_steps", 8),
             steps=options.get("steps", 50), spacing=options.get("spacing") or "uniform",
-            low_res_consistency=consistency,
+            low_res_consistency=consistency, inverse=settings,
         )
 
     def process(self, process: NoiseProcess) -> NoiseProcess:
@@ -160,13 +164,19 @@ class EditOptions:
     def apply(
         self, model_fn: diffusion.ModelFn, process: NoiseProcess, prediction: str, inputs: dict[str, jax.Array]
     ) -> tuple[diffusion.ModelFn, Edit | None]:
-        """The denoiser and the chain edit for a batch's `inputs` (`sample_inputs`): the conditional denoiser for
-        inpainting by 'conditional', super-resolution's low-res-consistent denoiser with `low_res_consistency`,
-        an `Edit` for SDEdit and 'replace' / 'repaint' (None when nothing edits the chain)."""
+        """The denoiser and the chain edit for a batch's `inputs` (`sample_inputs`): an inverse problem's posterior
+        denoiser (`inverse.posterior_denoiser`), the conditional denoiser for inpainting by 'conditional',
+        super-resolution's low-res-consistent denoiser with `low_res_consistency`, an `Edit` for SDEdit and
+        'replace' / 'repaint' (None when nothing edits the chain)."""
         if self.low_res_consistency and "low_res" in inputs:
             from diffusion_jax.super_resolution import consistent_denoiser  # it imports this module
 
             model_fn = consistent_denoiser(model_fn, process, prediction, inputs["low_res"])
+        if self.inverse is not None and "measurement" in inputs:
+            s = self.inverse
+            operator = inverse.from_config(s, inputs.get("measurement_mask"))
+            model_fn = inverse.posterior_denoiser(model_fn, process, prediction, operator, inputs["measurement"],
+                                                  s.noise_std, s.method, s.scale, s.cg_steps)
         known, mask = inputs.get("known"), inputs.get("mask")
         if known is not None and self.method == "conditional":
             model_fn = inpaint.conditional_denoiser(model_fn, process, prediction, known, mask, self.cg_steps)
@@ -326,6 +336,26 @@ def load_images(
     return images[np.arange(num) % len(images)], None
 
 
+def measurement_inputs(config: ml_collections.ConfigDict, example_shape: tuple[int, ...], num: int
+                       ) -> dict[str, np.ndarray]:
+    """An inverse problem's arrays (`config.inverse`; empty when `inverse.operator` is None): 'measured' [num, ...],
+    the clean images, 'measurement' y = A x + σ_y n (numpy noise of `config.seed`), and for the 'mask' operator
+    'measurement_mask'."""
+    settings = config.get("inverse")
+    if settings is None or settings.get("operator") is None:
+        return {}
+    inverse.check_config(settings, example_shape)
+    images, _ = load_images(settings.image, "inverse.image", num, example_shape, config.data)
+    inputs = {"measured": images}
+    masks = None
+    if settings.operator == "mask":
+        masks = inputs["measurement_mask"] = make_mask(settings.mask, example_shape, num, seed=config.seed)
+    clean = np.asarray(inverse.from_config(settings, masks).apply(jnp.asarray(images)))
+    noise = np.random.default_rng([config.seed, 7]).standard_normal(clean.shape).astype(np.float32)
+    inputs["measurement"] = clean + np.float32(settings.noise_std) * noise
+    return inputs
+
+
 def sample_inputs(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...], num: int, key: jax.Array | None = None
 ) -> dict[str, np.ndarray]:
@@ -350,6 +380,7 @@ def sample_inputs(
             inputs["source_label"] = np.full((num,), sample.source_label, np.int32)
         elif labels is not None:
             inputs["source_label"] = labels
+    inputs |= measurement_inputs(config, example_shape, num)
     low_res = (super_resolution.sample_inputs(config, num) if key is None
                else super_resolution.cascade_inputs(config, num, key))
     return inputs | low_res | controlnet.sample_inputs(config, num)

@@ -95,6 +95,32 @@ def downsample(factor: int) -> Operator:
     return Operator("downsample", apply)
 
 
+def from_config(settings: Any, mask_array: np.ndarray | jax.Array | None = None) -> Operator:
+    """The operator of `config.inverse` (`mask_array` [B, H, W, C]: the 'mask' operator's per-example masks)."""
+    if settings.operator == "mask":
+        return mask(mask_array)
+    if settings.operator == "blur":
+        return blur(settings.blur_size, settings.blur_std)
+    if settings.operator == "downsample":
+        return downsample(settings.factor)
+    raise ConfigError(f"inverse.operator: unknown operator {settings.operator!r}; choose one of: "
+                      f"{', '.join(OPERATORS)} (or None: no inverse problem)")
+
+
+def check_config(settings: Any, example_shape: tuple[int, ...]) -> None:
+    """One-line ConfigErrors for `config.inverse` fields that cannot work on images of `example_shape`."""
+    if settings.method not in METHODS:
+        raise ConfigError(f"inverse.method: unknown method {settings.method!r}; choose one of: {', '.join(METHODS)}")
+    if settings.noise_std < 0:
+        raise ConfigError(f"inverse.noise_std: got {settings.noise_std}; expected a float >= 0")
+    if len(example_shape) != 3:
+        raise ConfigError(f"inverse.operator: measures [H, W, C] images; this model makes {tuple(example_shape)}")
+    from_config(settings, np.ones((1, *example_shape), np.float32))  # the operator's own checks
+    if settings.operator == "downsample" and (example_shape[0] % settings.factor or example_shape[1] % settings.factor):
+        raise ConfigError(f"inverse.factor: {settings.factor} does not divide the {example_shape[0]}x"
+                          f"{example_shape[1]} images")
+
+
 def measure(operator: Operator, x0: jax.Array, noise_std: float, key: jax.Array) -> jax.Array:
     """y = A x_0 + σ_y n, n ~ N(0, I)."""
     y = operator.apply(x0)

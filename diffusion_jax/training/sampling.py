@@ -185,7 +185,7 @@ def make_sample_fn(
         )
 
     default_inputs = editing.sample_inputs(config, example_shape, batch_size)  # now: a bad image fails at build
-    edits = editing.EditOptions.from_config(config.sample, options)
+    edits = editing.EditOptions.from_config(config, options)
 
     guide_output = None if guide is None else network_output_fn(bool(guide.config.model.get("learn_sigma")), {})
 
@@ -343,8 +343,8 @@ def scatter_image(points: np.ndarray, size: int = 384, extent: float = 2.5) -> n
 def edit_panels(inputs: dict[str, np.ndarray], samples: np.ndarray, num: int = 8) -> np.ndarray:
     """uint8 [num * K, H, W, C]: for each of the first `num` examples, what it was made from, then the sample:
     input | mask | output for inpainting (unknown pixels grey in the input, known white in the mask), input |
-    output for SDEdit / inversion, the low-res image (nearest-upsampled) | output for super-resolution, the
-    control image | output for ControlNet."""
+    output for SDEdit / inversion, clean image | measurement | output for an inverse problem, the low-res image
+    (nearest-upsampled) | output for super-resolution, the control image | output for ControlNet."""
     num = min(num, len(samples))
     shape = samples.shape[1:]  # [H, W, C]
 
@@ -356,6 +356,11 @@ def edit_panels(inputs: dict[str, np.ndarray], samples: np.ndarray, num: int = 8
     if "known" in inputs:
         mask = inputs["mask"][:num]
         columns += [image(np.where(mask > 0, inputs["known"][:num], 0.0)), image(2.0 * mask - 1.0)]
+    if "measurement" in inputs:  # an inverse problem: the clean image | what was measured of it (as an image)
+        y = inputs["measurement"][:num]
+        if "measurement_mask" in inputs:
+            y = np.where(inputs["measurement_mask"][:num] > 0, y, 0.0)
+        columns += [image(inputs["measured"][:num]), image(np.clip(y, -1.0, 1.0))]
     for name in ("init", "low_res", "control"):
         if name in inputs:
             columns.append(image(inputs[name][:num]))
