@@ -108,6 +108,24 @@ def autoguidance(
     return guided
 
 
+def guided_model_fn(
+    network: Callable[[jax.Array, jax.Array, Any], jax.Array],
+    cond: Any,
+    guidance_scale: float | None,
+    null_label: int | None,
+    channels: int | None = None,
+    guide_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The `model_fn(x_t, t)` a sampler drives at guidance scale s = 1 + w (sample mode's and `LoadedModel.sample`'s
+    rule): `network(x_t, t, cond)` guided by `guide_fn` (`autoguidance`) when one is given, else by its own
+    unconditional output (`classifier_free`) when s is neither None nor 1, else unguided."""
+    if guide_fn is not None and guidance_scale is not None:
+        return autoguidance(lambda x_t, t: network(x_t, t, cond), guide_fn, guidance_scale - 1.0, channels=channels)
+    if guidance_scale is None or guidance_scale == 1.0:
+        return lambda x_t, t: network(x_t, t, cond)
+    return classifier_free(network, cond, null_label, guidance_scale - 1.0, channels=channels)
+
+
 def label_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """log p(y_b | x_b) = log_softmax(logits)[b, y_b]: logits [B, K], labels int [B] -> [B] float32.
 

@@ -118,18 +118,14 @@ class LoadedModel(NamedTuple):
         ) -> jax.Array:
             noise_key, chain_key = jax.random.split(key)
             x_T = sde.as_process(self.schedule).prior_sample(noise_key, (num_samples, *self.example_shape))
-            if guide is not None and scale is not None:
+            guide_fn = None
+            if guide is not None:
 
                 def guide_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                     return guide_output(model_apply(guide.graphdef, guide_params, x_t, t, cond))
 
-                model_fn = guidance.autoguidance(functools.partial(network, params, cond=cond), guide_fn, scale - 1.0,
-                                                 channels=channels)
-            elif scale is None or scale == 1.0:
-                model_fn = functools.partial(network, params, cond=cond)
-            else:
-                model_fn = guidance.classifier_free(functools.partial(network, params), cond, num_classes, scale - 1.0,
-                                                    channels=channels)
+            model_fn = guidance.guided_model_fn(functools.partial(network, params), cond, scale, num_classes, channels,
+                                                guide_fn)
             x0 = sampler_fn(model_fn, self.schedule, chain_key, x_T, prediction=self.config.diffusion.prediction,
                             **options)
             return x0 if first_stage is None else first_stage.decode(x0)

@@ -205,21 +205,13 @@ def make_sample_fn(
         def network(x_t: jax.Array, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
             return output(model_apply(graphdef, params, x_t, t, cond))
 
+        guide_fn = None
         if guide is not None:  # autoguidance: away from the weaker model, same conditioning
 
             def guide_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
                 return guide_output(model_apply(guide.graphdef, guide_params, x_t, t, cond))
 
-            model_fn = guidance.autoguidance(lambda x_t, t: network(x_t, t, cond), guide_fn, guidance_scale - 1.0,
-                                             channels=channels)
-        elif guidance_scale is not None and guidance_scale != 1.0:
-            model_fn = guidance.classifier_free(
-                network, cond, num_classes, guidance_scale - 1.0, channels=channels
-            )
-        else:
-
-            def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-                return network(x_t, t, cond)
+        model_fn = guidance.guided_model_fn(network, cond, guidance_scale, num_classes, channels, guide_fn)
 
         if edits.invert:  # DDIM inversion under the source labels, then sampling under the target ones
             source = editing.source_condition(cond, inputs)
