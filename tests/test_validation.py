@@ -137,7 +137,7 @@ def test_shipped_configs_pass(name, num_devices):
         (
             "--config.trainng.lr=1",
             "error: --config.trainng.lr: no field 'trainng' in the config; its fields are: autoencode, consistency, "
-            "controlnet, data, diffusion, distill, eval, flow, latent,",
+            "controlnet, data, diffusion, distill, eval, flow, inverse, latent,",
         ),
         (
             "--config.training.bsz=8",
