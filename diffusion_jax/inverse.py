@@ -4,8 +4,8 @@ Measurement operators A (`Operator`; each linear, its adjoint Aᵀ from `jax.lin
 
 - `mask(m)`: y = m ⊙ x, the known pixels of inpainting (the rest 0);
 - `blur(size, std)`: a separable Gaussian blur of `size` taps, zero-padded (deblurring);
-- `downsample(factor)`: each output pixel the mean of a factor × factor block (super-resolution; the A of
-  `super_resolution.area_downsample`).
+- `downsample(factor)`: each output pixel the mean of a factor × factor block (`area_downsample`, also the A of
+  `super_resolution`'s consistency constraint).
 
 Posterior methods, each a transform of the denoiser that any sampler drives (`diffusion.with_x0`: the new x̂_0
 becomes the prediction's own kind); with x_t = α_t x_0 + σ_t ε and J = ∂x̂_0/∂x_t:
@@ -83,16 +83,18 @@ def blur(size: int, std: float) -> Operator:
     return Operator("blur", apply)
 
 
+def area_downsample(images: np.ndarray | jax.Array, size: int) -> np.ndarray | jax.Array:
+    """[B, H, W, C] -> [B, size, size, C], each pixel the mean of its (H/size) x (W/size) block (area / box filter);
+    H and W must be multiples of `size`. NumPy in, NumPy out; JAX in, JAX out."""
+    b, h, w, c = images.shape
+    return images.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+
+
 def downsample(factor: int) -> Operator:
-    """y [B, H/f, W/f, C]: the mean of each f × f block (H and W multiples of f)."""
+    """y [B, H/f, W/f, C]: the mean of each f × f block (H and W multiples of f; `area_downsample`)."""
     if factor < 1:
         raise ConfigError(f"inverse.factor: got {factor}; expected an int >= 1")
-
-    def apply(x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-    return Operator("downsample", apply)
+    return Operator("downsample", lambda x: area_downsample(x, x.shape[1] // factor))
 
 
 def from_config(settings: Any, mask_array: np.ndarray | jax.Array | None = None) -> Operator:
@@ -109,10 +111,7 @@ def from_config(settings: Any, mask_array: np.ndarray | jax.Array | None = None)
 
 def check_config(settings: Any, example_shape: tuple[int, ...]) -> None:
     """One-line ConfigErrors for `config.inverse` fields that cannot work on images of `example_shape`."""
-    if settings.method not in METHODS:
-        raise ConfigError(f"inverse.method: unknown method {settings.method!r}; choose one of: {', '.join(METHODS)}")
-    if settings.noise_std < 0:
-        raise ConfigError(f"inverse.noise_std: got {settings.noise_std}; expected a float >= 0")
+    _check_method(settings.method, settings.noise_std)
     if len(example_shape) != 3:
         raise ConfigError(f"inverse.operator: measures [H, W, C] images; this model makes {tuple(example_shape)}")
     from_config(settings, np.ones((1, *example_shape), np.float32))  # the operator's own checks
@@ -152,10 +151,7 @@ def x0_correction(
     cg_steps: int = 8,
 ) -> diffusion.X0Change:
     """The `diffusion.with_x0` change of `posterior_denoiser`: (denoise, x_t, α_t, σ_t) -> the corrected x̂_0."""
-    if method not in METHODS:
-        raise ConfigError(f"inverse.method: unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    if noise_std < 0:
-        raise ConfigError(f"inverse.noise_std: got {noise_std}; expected a float >= 0")
+    _check_method(method, noise_std)
     var_y = float(noise_std) ** 2
 
     def corrected(denoise: Callable[[jax.Array], jax.Array], x_t: jax.Array, alpha: jax.Array,
@@ -184,6 +180,13 @@ def x0_correction(
         return x0 - scale * grad
 
     return corrected
+
+
+def _check_method(method: str, noise_std: float) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"inverse.method: unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if noise_std < 0:
+        raise ConfigError(f"inverse.noise_std: got {noise_std}; expected a float >= 0")
 
 
 def conjugate_gradient(apply: Callable[[jax.Array], jax.Array], b: jax.Array, steps: int) -> jax.Array:

@@ -27,16 +27,10 @@ import numpy as np
 from diffusion_jax import conditioning, diffusion, editing, sde
 from diffusion_jax.data import example_shape
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.inverse import area_downsample  # the operator A of SR3's consistency constraint
 from diffusion_jax.training.setup import Process, build_process
 
 Array = np.ndarray | jax.Array  # the helpers keep the kind they are given
-
-
-def area_downsample(images: Array, size: int) -> Array:
-    """[B, H, W, C] -> [B, size, size, C], each pixel the mean of its (H/size) x (W/size) block (area / box
-    filter: the operator A of SR3's consistency constraint); H and W must be multiples of `size`."""
-    b, h, w, c = images.shape
-    return images.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
 
 
 def nearest_upsample(images: Array, factor: int) -> Array:
