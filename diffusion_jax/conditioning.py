@@ -11,13 +11,15 @@ A model's `cond` is a dict holding any of
     low_res       float [B, h, w, C]  a low-resolution image a super-resolution model is conditioned on (SR3) ...
     low_res_noise float [B]        ... and the level of the noise it was augmented with (CDM; 0 = clean)
     control       float [B, H, W, C_c]  a ControlNet's control image (edges, a coarse mask)
+    interval      float [B]        the interval h = t - r of a MeanFlow network's average velocity u(z, r, t), in
+                                   the backbone's time units, set by its wrapper from (t, r) (`models.Preconditioned`)
 
 or a bare int array, which means {'label': array} (the form class-conditional code has always
 used), or None (every entry null). Every entry has a null value, and `null` makes it: the null
 label, an all-False mask (an empty sequence, which the cross-attention reads as "no context"),
-a zero pooled embedding, zeros for the image entries. So classifier-free guidance
-(`guidance.classifier_free`) and its training-time dropout (`drop`) are written once for labels, text,
-precomputed embeddings and images.
+a zero pooled embedding, zeros for the image entries; an interval is the network's argument and stays.
+So classifier-free guidance (`guidance.classifier_free`) and its training-time dropout (`drop`) are written
+once for labels, text, precomputed embeddings and images.
 A whole condition is dropped together: an example is either fully conditional or fully null.
 """
 
@@ -26,7 +28,8 @@ import jax.numpy as jnp
 
 Cond = dict[str, jax.Array] | jax.Array | None
 
-KEYS = ("label", "tokens", "token_mask", "context", "context_mask", "pooled", "low_res", "low_res_noise", "control")
+KEYS = ("label", "tokens", "token_mask", "context", "context_mask", "pooled", "low_res", "low_res_noise", "control",
+        "interval")
 _MASK_OF = {"tokens": "token_mask", "context": "context_mask"}
 
 
@@ -60,7 +63,7 @@ def _null_entry(key: str, value: jax.Array, null_label: int | None) -> jax.Array
         return jnp.zeros_like(value)
     if key in ("pooled", "low_res", "low_res_noise", "control"):
         return jnp.zeros_like(value)
-    return value  # tokens, context: masked out by their all-False masks
+    return value  # tokens, context: masked out by their all-False masks; interval: an argument, not a condition
 
 
 def null(cond: Cond, null_label: int | None = None) -> Cond:

@@ -45,8 +45,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   line, train on and try again at the next checkpoint interval), `lock_stale_after_s` (the workdir lock of
   a run on another host whose heartbeat is older than this is taken over; on this host a dead pid is enough),
   `objective` (`diffusion_jax.objectives`: 'denoise': the diffusion loss; 'edm': EDM's denoising loss on
-  `diffusion.process='edm'`; 'flow_matching': flow matching / rectified flow (`flow` below); 'vdm': VDM's
-  continuous VLB with its learned schedule on `diffusion.process='vdm'` (`vdm` below); 'consistency':
+  `diffusion.process='edm'`; 'flow_matching': flow matching / rectified flow (`flow` below); 'meanflow':
+  MeanFlow's average velocity for one-step sampling (`meanflow` below); 'vdm': VDM's continuous VLB with its
+  learned schedule on `diffusion.process='vdm'` (`vdm` below); 'consistency':
   consistency distillation or training (`consistency` below); 'distill': progressive distillation (`distill`
   below); 'autoencode': LDM's first stage (`autoencode` below); 'classify': train a noise-aware classifier
   (`model.name='classifier'`) with the cross-entropy of its logits on noised images, for classifier guidance),
@@ -74,6 +75,14 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   rf/lognorm(0, 1)), `pairs_dir` (reflow: train on the (noise, sample) pairs that
   `python -m diffusion_jax.reflow` drew from a trained flow, instead of independent noise; None: off),
   `init_workdir` (a flow run of this `model` whose sampling EMA this run starts from: reflow's next flow).
+- `meanflow` (`training.objective='meanflow'`, `diffusion.process='flow'`, `diffusion.prediction='velocity'`;
+  `diffusion_jax.meanflow`; its (t, r) are drawn by `flow.t_sampling`, `logit_mean`, `logit_std`: the paper's
+  ImageNet lognorm(-0.4, 1), CIFAR-10 lognorm(-2, 2)): `interval_ratio` (the fraction of examples with r < t;
+  the others are flow matching at r = t; ImageNet 0.25, CIFAR-10 0.75), `adaptive_p`, `adaptive_c` (the loss
+  weight 1 / (mse + c)^p, ImageNet p = 1, CIFAR-10 0.75; p = 0: plain), `time_scale` (the backbone's time input
+  is time_scale × (t, t - r); 10, not flow matching's 1000, whose ∂_t u made training diverge; see
+  `models.Preconditioned`). Sample with `sample.sampler='meanflow'`
+  (`sample.steps` jumps; 1: one-step generation) or any flow sampler (the instantaneous velocity, r = t).
 - `vdm` (`training.objective='vdm'`, `diffusion.process='vdm'`; `diffusion_jax.vdm`, `models.VDMNetwork`):
   `gamma_min`, `gamma_max` (γ's initial endpoints, learned from there; the network's time input is γ scaled
   by them), `gamma_hidden` (width of γ's monotonic network, App. H: 1024), `fourier` ((n_min, n_max) of the
@@ -248,6 +257,8 @@ def base_config() -> ml_collections.ConfigDict:
         dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, pairs_dir=placeholder(str),
              init_workdir=placeholder(str))
     )
+    config.meanflow = ml_collections.ConfigDict(dict(interval_ratio=0.25, adaptive_p=1.0, adaptive_c=1e-3,
+                                                      time_scale=10.0))
     config.vdm = ml_collections.ConfigDict(
         dict(gamma_min=-13.3, gamma_max=5.0, gamma_hidden=1024, fourier=(6, 7), decoder="discrete")
     )

@@ -133,8 +133,9 @@ class EditOptions:
             field = "sample.t0" if t0 is not None else "sample.invert"
             raise ConfigError(f"{field}: SDEdit and DDIM inversion edit an image; set sample.init_image")
         edits_chain = init or (sample.get("inpaint_image") is not None and method != "conditional")
-        if edits_chain and sample.sampler == "ode":
-            raise ConfigError("sample.sampler: 'ode' (an adaptive solver) takes no chain edits; SDEdit, DDIM "
+        if edits_chain and sample.sampler in ("ode", "meanflow"):
+            kind = "an adaptive solver" if sample.sampler == "ode" else "jumps of the average velocity"
+            raise ConfigError(f"sample.sampler: {sample.sampler!r} ({kind}) takes no chain edits; SDEdit, DDIM "
                               "inversion and 'replace'/'repaint' inpainting need a stepping sampler (e.g. 'ddim')")
         if sample.get("repaint_jump", 10) < 1 or sample.get("repaint_resamples", 10) < 1:
             raise ConfigError(f"sample.repaint_jump, sample.repaint_resamples: got {sample.repaint_jump}, "

@@ -19,6 +19,9 @@ target, teacher or timestep history) and which of its auxiliary outputs are logg
   'flow_matching' flow matching / rectified flow: the velocity ε - x_0 of x_t = (1 - t) x_0 + t ε on
                 `diffusion.process='flow'`, t uniform or logit-normal, ε fresh or reflow's pairs
                 (Lipman et al. 2022; Liu et al. 2022; Esser et al. 2024; `flow`)
+  'meanflow'    MeanFlow's average velocity u(z_t, r, t) on `diffusion.process='flow'`, regressed on the MeanFlow
+                identity's target through one `jax.jvp` of the network, for one-step sampling (Geng et al. 2025;
+                `meanflow`)
   'vdm'         VDM's continuous-time VLB in bits/dim with antithetic t, its learned monotonic γ trained
                 by the variance-minimising gradient, on `diffusion.process='vdm'` (Kingma et al. 2021,
                 Eq. 17, §5.3; `vdm`)
@@ -27,7 +30,7 @@ target, teacher or timestep history) and which of its auxiliary outputs are logg
                 `distill.consistency`)
 
 Each entry trains on one kind of `diffusion.process`: 'edm' and 'consistency' on 'edm',
-'flow_matching' on 'flow', 'vdm' on 'vdm', the others on the discrete schedule ('autoencode' on none).
+'flow_matching' and 'meanflow' on 'flow', 'vdm' on 'vdm', the others on the discrete schedule ('autoencode' on none).
 
 Register a new objective with `@OBJECTIVES.register(name)` on a builder
 `(config, graphdef, schedule, example_shape) -> Objective`. The math lives in the family's module
@@ -45,7 +48,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import autoencoder_loss, classifier_loss, conditioning, diffusion, edm_loss, flow, reflow, vdm, vlb
+from diffusion_jax import (
+    autoencoder_loss,
+    classifier_loss,
+    conditioning,
+    diffusion,
+    edm_loss,
+    flow,
+    meanflow,
+    reflow,
+    vdm,
+    vlb,
+)
 from diffusion_jax.distill import consistency, progressive
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import image_quality
@@ -318,6 +332,31 @@ def flow_matching(
                                        logit_std=f.logit_std)
 
     return Objective(loss, initial_params=initial_params)
+
+
+@OBJECTIVES.register("meanflow")
+def meanflow_objective(
+    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
+) -> Objective:
+    """`meanflow.meanflow_loss` on the 'meanflow' network of `diffusion.process='flow'` (`models.Preconditioned`,
+    called at (t, r)): (t, r) by `flow.t_sampling`, `flow.logit_mean`, `flow.logit_std` with r < t for a fraction
+    `meanflow.interval_ratio`, the adaptive weight's `meanflow.adaptive_p`, `meanflow.adaptive_c`. Logs the
+    unweighted squared error as 'mse'."""
+    require_process(config, "flow")
+    f, m = config.flow, config.meanflow
+    flow.check_t_sampling(f.t_sampling)
+    meanflow.check_options(m.interval_ratio, m.adaptive_p, m.adaptive_c)
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model_fn = network(graphdef, params, inputs)
+        average_velocity = lambda z, t, r: model_fn(z, meanflow.model_time(t, r))  # noqa: E731
+        value, aux = meanflow.meanflow_loss(average_velocity, inputs.images, inputs.key,
+                                            interval_ratio=m.interval_ratio, t_sampling=f.t_sampling,
+                                            logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                            adaptive_p=m.adaptive_p, adaptive_c=m.adaptive_c)
+        return value, aux | {"mse": jnp.mean(aux["mse"])}
+
+    return Objective(loss, metrics=("mse",), shown=("loss", "mse", "grad_norm", "images_per_sec"))
 
 
 @OBJECTIVES.register("vdm")

@@ -340,6 +340,8 @@ class DiT(nnx.Module):
             `text_encoder.*`): a dict of its `vocab_size`, `max_len`, `width`, `depth`, `num_heads`,
             as the U-Net's. Its context feeds the cross-attention (context_dim = width) and its
             pooled output joins c (pooled_dim = width).
+        interval_embedding: a MeanFlow network u(z, r, t) (Geng et al. 2025): `cond['interval']` [B], h = t - r,
+            joins c (`layers.ConditionEmbedder`); `training.objective='meanflow'` sets it.
         rngs: parameter initialisation keys; the model keeps no RNG state.
 
     Raises:
@@ -368,6 +370,7 @@ class DiT(nnx.Module):
         pooled_dim: int | None = None,
         text_encoder: dict | None = None,
         out_channels: int | None = None,
+        interval_embedding: bool = False,
         rngs: nnx.Rngs,
     ):
         if patch_size < 1 or image_size % patch_size:
@@ -421,7 +424,8 @@ class DiT(nnx.Module):
         if self.text_encoder is not None:
             pooled_dim = self.text_encoder.width  # its pooled output joins c, as in the U-Net
         self.cond = ConditionEmbedder(
-            FREQUENCY_EMBEDDING_SIZE, hidden_size, num_classes, pooled_dim=pooled_dim, rngs=rngs, dtype=dtype
+            FREQUENCY_EMBEDDING_SIZE, hidden_size, num_classes, pooled_dim=pooled_dim, interval=interval_embedding,
+            rngs=rngs, dtype=dtype,
         )
         self._init_condition(rngs)
         self.blocks = nnx.List(

@@ -126,7 +126,9 @@ class ConditionEmbedder(nnx.Module):
     arXiv 2112.10741, §2.3; unCLIP, Imagen and SDXL add theirs the same way), and with `low_res_noise` a second
     timestep embedding of a super-resolution model's conditioning-augmentation level s ∈ [0, 1] (CDM, Ho et al.
     2021, arXiv 2106.15282, §4.3: the model is told how noisy its low-resolution input is), of 1000 s so that it
-    spans the frequencies the timestep embedding was designed for.
+    spans the frequencies the timestep embedding was designed for; and with `interval` a third, of the interval
+    h = t - r of a MeanFlow network u(z, r, t) (Geng et al. 2025, arXiv 2505.13447, §4.3: the time embedding
+    of (t, t - r)), `cond['interval']` [B] in the units of the time input t (the wrapper scales both).
 
     Without `num_classes` the model is unconditional and rejects labels; without `pooled_dim`
     it rejects a pooled embedding. A missing entry is the null condition (`diffusion_jax.conditioning`).
@@ -141,6 +143,7 @@ class ConditionEmbedder(nnx.Module):
         pooled_dim: int | None = None,
         freq_shift: float = 0.0,
         low_res_noise: bool = False,
+        interval: bool = False,
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
     ):
@@ -148,6 +151,7 @@ class ConditionEmbedder(nnx.Module):
         self.label = None if num_classes is None else LabelEmbedder(num_classes, emb_dim, rngs=rngs, dtype=dtype)
         self.pooled = None if pooled_dim is None else linear(pooled_dim, emb_dim, rngs=rngs, dtype=dtype)
         self.low_res_noise = TimestepEmbedder(dim, emb_dim, rngs=rngs, dtype=dtype) if low_res_noise else None
+        self.interval = TimestepEmbedder(dim, emb_dim, rngs=rngs, dtype=dtype) if interval else None
 
     def __call__(self, t: jax.Array, cond: conditioning.Cond) -> jax.Array:
         """[B] timesteps and a condition (labels [B], a dict with 'label' and 'pooled' [B, D], or None)
@@ -159,6 +163,9 @@ class ConditionEmbedder(nnx.Module):
             raise ValueError("cond: a pooled embedding was given to a model built without model.pooled_dim")
         if self.low_res_noise is None and ("low_res" in entries or "low_res_noise" in entries):
             raise ValueError("cond: a low-resolution image was given to a model built without model.low_res_size")
+        if self.interval is None and "interval" in entries:
+            raise ValueError("cond: an interval t - r was given to a model built without an interval embedding "
+                             "(training.objective='meanflow' builds one)")
         emb = self.time(t)  # [B, emb_dim]
         if self.label is not None:
             emb = emb + self.label(entries.get("label"), t.shape[0])
@@ -170,4 +177,7 @@ class ConditionEmbedder(nnx.Module):
         if self.low_res_noise is not None:  # a missing level is the null one, 0: a clean low-resolution image
             level = entries.get("low_res_noise", jnp.zeros((t.shape[0],), jnp.float32))  # [B]
             emb = emb + self.low_res_noise(1000.0 * level)
+        if self.interval is not None:  # a missing interval is 0: the instantaneous velocity u(z, t, t) = v(z, t)
+            interval = entries.get("interval", jnp.zeros((t.shape[0],), jnp.float32))  # [B]
+            emb = emb + self.interval(interval)
         return emb

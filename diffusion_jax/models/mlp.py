@@ -43,6 +43,8 @@ class MLP(nnx.Module):
         learn_sigma: also output improved DDPM's variance interpolation, [B, 2D].
         out_features: the prediction's dimension (None: in_features).
         dropout: dropout rate inside the blocks.
+        interval_embedding: a MeanFlow network u(z, r, t): `cond['interval']` [B], h = t - r, joins the time
+            embedding (`layers.ConditionEmbedder`).
         rngs: parameter initialisation keys; the model keeps no RNG state.
         dtype: computation dtype; parameters stay float32.
     """
@@ -59,9 +61,10 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         dtype: DTypeLike = jnp.float32,
         out_features: int | None = None,
+        interval_embedding: bool = False,
     ):
         self.in_features = in_features
-        self.cond = ConditionEmbedder(hidden, hidden, num_classes, rngs=rngs, dtype=dtype)
+        self.cond = ConditionEmbedder(hidden, hidden, num_classes, interval=interval_embedding, rngs=rngs, dtype=dtype)
         self.proj_in = linear(in_features, hidden, rngs=rngs, dtype=dtype)
         self.blocks = nnx.List([MLPBlock(hidden, dropout=dropout, rngs=rngs, dtype=dtype) for _ in range(depth)])
         self.norm_out = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)

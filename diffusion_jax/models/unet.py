@@ -372,6 +372,7 @@ class Encoder(nnx.Module):
         text_encoder: dict | None = None,
         time_freq_shift: float = 0.0,
         low_res_size: int | None = None,
+        interval_embedding: bool = False,
     ) -> list[int]:
         """Builds the encoder; returns the widths of the activations a decoder concatenates."""
         ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
@@ -390,7 +391,7 @@ class Encoder(nnx.Module):
             pooled_dim = self.text_encoder.width  # its pooled output joins the time embedding
         self.cond = ConditionEmbedder(ch, blocks.emb_dim, num_classes, pooled_dim=pooled_dim,
                                       freq_shift=time_freq_shift, low_res_noise=low_res_size is not None,
-                                      rngs=rngs, dtype=dtype)
+                                      interval=interval_embedding, rngs=rngs, dtype=dtype)
         low_res_channels = 0 if low_res_size is None else in_channels  # SR3: [x_t, upsampled low-res image]
         self.conv_in = _conv3x3(in_channels + low_res_channels, ch, rngs=rngs, dtype=dtype)
 
@@ -505,6 +506,8 @@ class UNet(Encoder):
             s = low_res_size, upsampled bicubically to image_size is concatenated to x before conv_in
             (which takes 2C channels), and `cond['low_res_noise']` [B], its augmentation level (CDM), joins the
             time embedding (`layers.ConditionEmbedder`). None: off.
+        interval_embedding: a MeanFlow network u(z, r, t) (Geng et al. 2025): `cond['interval']` [B], h = t - r,
+            joins the time embedding (`layers.ConditionEmbedder`); `training.objective='meanflow'` sets it.
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
@@ -540,6 +543,7 @@ class UNet(Encoder):
         norm_eps: float = 1e-6,
         downsample_padding: int | None = None,
         low_res_size: int | None = None,
+        interval_embedding: bool = False,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
@@ -549,7 +553,7 @@ class UNet(Encoder):
             transformer_depth=transformer_depth, norm_eps=norm_eps, downsample_padding=downsample_padding,
         )
         skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift,
-                                         low_res_size)
+                                         low_res_size, interval_embedding)
 
         cur = ch * blocks.ch_mult[-1]
         up = []

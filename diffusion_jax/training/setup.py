@@ -43,6 +43,11 @@ def build_process(config: ml_collections.ConfigDict) -> RunProcess:
     if process == "vdm":
         return vdm_schedule(config)
     if process == "flow":
+        meanflow = config.training.get("objective") == "meanflow"
+        if config.sample.get("sampler") == "meanflow" and not meanflow:
+            raise ConfigError("sample.sampler: 'meanflow' jumps with a MeanFlow network's average velocity; this run "
+                              f"is training.objective={config.training.get('objective')!r} (sample it with 'ddim', "
+                              "'heun', 'dpm_solver++' or 'ode')")
         return sde.Flow()
     if process == "edm":
         if not 0 < d.sigma_min < d.sigma_max:
@@ -122,8 +127,9 @@ def build_model(
     config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
 ) -> tuple[nnx.GraphDef, Callable[[jax.Array], nnx.State]]:
     """(graphdef, init) of `config.model` for data of `example_shape`; init(key) -> params. Under
-    `diffusion.process='edm'` or 'flow' the model is the backbone in `models.Preconditioned`, under 'vdm' the
-    backbone (on Fourier features) and the learned γ in `models.VDMNetwork`.
+    `diffusion.process='edm'` or 'flow' the model is the backbone in `models.Preconditioned` (with
+    `training.objective='meanflow'` its 'meanflow' kind, u(z, r, t)), under 'vdm' the backbone (on Fourier
+    features) and the learned γ in `models.VDMNetwork`.
 
     The constructor (and so its config checks) runs on an abstract model
     (`nnx.eval_shape`: nothing allocated or compiled). `init` is one jitted
@@ -134,6 +140,9 @@ def build_model(
 
     d = config.diffusion
     process = d.get("process", "discrete")
+    meanflow = process == "flow" and config.training.get("objective") == "meanflow"
+    if meanflow:  # u(z, r, t) embeds the interval t - r beside t
+        kwargs["interval_embedding"] = True
     if process == "vdm":  # the backbone reads the Fourier features and predicts the data's channels
         fourier = tuple(config.vdm.fourier) or None
         name, size = ("in_channels", "out_channels") if "in_channels" in kwargs else ("in_features", "out_features")
@@ -148,9 +157,10 @@ def build_model(
             v = config.vdm
             gamma = vdm.MonotonicGamma(v.gamma_min, v.gamma_max, v.gamma_hidden, rngs=rngs)
             return models.VDMNetwork(model, gamma, v.gamma_min, v.gamma_max, tuple(v.fourier) or None)
-        # EDM's D(x; σ), or a flow's velocity at 1000 t (SD3's timestep scale)
-        return models.Preconditioned(model, "flow" if process == "flow" else d.preconditioning, d.sigma_data,
-                                     d.sigma_min)
+        # EDM's D(x; σ), or a flow's velocity at 1000 t (SD3's timestep scale), or MeanFlow's average velocity
+        kind = ("meanflow" if meanflow else "flow") if process == "flow" else d.preconditioning
+        time_scale = {"time_scale": config.meanflow.time_scale} if meanflow else {}
+        return models.Preconditioned(model, kind, d.sigma_data, d.sigma_min, **time_scale)
 
     graphdef, _ = split_model(nnx.eval_shape(lambda: make(jax.random.key(0))))
     return graphdef, jax.jit(lambda key: split_model(make(key))[1])
