@@ -1,7 +1,7 @@
 """Few-step students against few-step samplers, on a Gaussian mixture whose denoiser is exact.
 
 The teacher is `exact.x0_model` (E[x_0 | x_t] in closed form), so the samplers' only error is
-discretisation and a student's is the discretisation it did not learn away. Three students, each
+discretisation and a student's is the discretisation it did not learn away. Four students, each
 the `ddpm_swissroll` MLP:
 - progressive distillation (`distill.progressive`, Salimans & Ho 2022), v-prediction on
   `schedules.linear(1000)`, in rounds from a 64-step DDIM teacher; round 0 learns two exact DDIM
@@ -10,7 +10,9 @@ the `ddpm_swissroll` MLP:
   was trained for;
 - consistency distillation from the exact denoiser and improved consistency training
   (`distill.consistency`; Song et al. 2023, Song & Dhariwal 2023), as consistency functions on
-  EDM's σ in [0.002, 80], sampled with the `consistency` sampler (Algorithm 1) on Karras levels.
+  EDM's σ in [0.002, 80], sampled with the `consistency` sampler (Algorithm 1) on Karras levels;
+and MeanFlow (`diffusion_jax.meanflow`, Geng et al. 2025), the same MLP as an average velocity trained without a
+teacher, sampled with the `meanflow` sampler's equal jumps.
 Reported as `sampler_quality.py` does: SW, the sliced 2-Wasserstein distance to independent exact
 samples (`exact.sliced_wasserstein`), with the floor of two exact sets, at NFE 1, 2, 4, 8, beside
 DDIM ('trailing') and DPM-Solver++(2M) driven by the exact denoiser on `schedules.linear(1000)`.
@@ -33,7 +35,7 @@ import optax
 from flax import nnx
 
 import diffusion_jax as dj
-from diffusion_jax import exact, models
+from diffusion_jax import exact, meanflow, models
 from diffusion_jax.distill import consistency, progressive
 
 RESULTS = Path(__file__).parent / "results" / "distillation_quality.md"
@@ -128,6 +130,42 @@ def consistency_mlp(
     return graphdef, params
 
 
+def meanflow_mlp(
+    mix: exact.GaussianMixture, steps: int, batch: int = 512, seed: int = 0, learning_rate: float = 1e-3,
+    t_sampling: str = "uniform", interval_ratio: float = 0.25,
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """MeanFlow's average velocity u(z, r, t) (`diffusion_jax.meanflow`, no teacher) as the same MLP with the
+    interval t - r embedded, on flow matching's path: (t, r) by `t_sampling`, r < t for `interval_ratio` of the
+    batch, the plain squared error (adaptive weight p = 0)."""
+    backbone = models.create("mlp", in_features=2, hidden=128, depth=3, dropout=0.0, interval_embedding=True,
+                             rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(models.Preconditioned(backbone, "meanflow"))
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params: nnx.State, opt_state: optax.OptState, x0: jax.Array, key: jax.Array):
+        def loss(params: nnx.State) -> jax.Array:
+            u = lambda z, t, r: nnx.merge(graphdef, params)(z, meanflow.model_time(t, r))  # noqa: E731
+            return meanflow.meanflow_loss(u, x0, key, interval_ratio=interval_ratio, t_sampling=t_sampling,
+                                          adaptive_p=0.0)[0]
+
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    rng, opt_state = np.random.default_rng(seed), tx.init(params)
+    for k in range(steps):
+        params, opt_state = step(params, opt_state, jnp.asarray(mix.sample(rng, batch)), jax.random.key(k))
+    return graphdef, params
+
+
+def sample_meanflow(graphdef: nnx.GraphDef, params: nnx.State, nfe: int, n: int) -> np.ndarray:
+    """The `meanflow` sampler: `nfe` equal jumps from t = 1 to 0."""
+    x_T = jax.random.normal(jax.random.key(1), (n, 2))
+    model_fn = lambda z, times: nnx.merge(graphdef, params)(z, times)  # noqa: E731
+    sample = functools.partial(dj.samplers.get("meanflow"), model_fn, dj.sde.Flow(), steps=nfe)
+    return np.asarray(jax.jit(sample)(jax.random.key(2), x_T))
+
+
 def sample_consistency(graphdef: nnx.GraphDef, params: nnx.State, nfe: int, n: int) -> np.ndarray:
     """Algorithm 1 on EDM's Karras levels: NFE = levels."""
     process = dj.sde.EDM()
@@ -170,6 +208,9 @@ def evaluate(teacher_steps: int, steps_per_round: int, consistency_steps: int, n
         start = time.perf_counter()
         consistency_models[kind] = consistency_mlp(mix, kind, consistency_steps)
         seconds[kind] = time.perf_counter() - start
+    start = time.perf_counter()
+    mean_flow = meanflow_mlp(mix, consistency_steps)
+    seconds["meanflow"] = time.perf_counter() - start
     rows = {
         "ddim η=0 (trailing), exact denoiser": {k: sample_exact(mix, schedule, "ddim", k, n, spacing="trailing")
                                                for k in NFES},
@@ -180,6 +221,7 @@ def evaluate(teacher_steps: int, steps_per_round: int, consistency_steps: int, n
         "consistency distillation (exact teacher)": {k: sample_consistency(*consistency_models["cd"], k, n)
                                                      for k in NFES},
         "improved consistency training": {k: sample_consistency(*consistency_models["ict"], k, n) for k in NFES},
+        "MeanFlow (no teacher)": {k: sample_meanflow(*mean_flow, k, n) for k in NFES},
     }
     table = {label: {k: exact.sliced_wasserstein(x, reference) for k, x in cells.items()}
              for label, cells in rows.items()}
@@ -207,7 +249,8 @@ def main() -> None:
     text = (f"SW to {n} exact samples of the 2-D ring (8 modes, std 0.05); PD on `schedules.linear(1000)`, "
             f"{steps_per_round} steps of batch 512 per round ({seconds['progressive']:.0f} s for all rounds); CD "
             f"and iCT on `sde.EDM`, {consistency_steps} steps of batch 512 ({seconds['cd']:.0f} s, "
-            f"{seconds['ict']:.0f} s); jax {jax.__version__}, {jax.devices()[0].platform}.\n\n" + markdown(results))
+            f"{seconds['ict']:.0f} s); MeanFlow on `sde.Flow`, as many ({seconds['meanflow']:.0f} s); "
+            f"jax {jax.__version__}, {jax.devices()[0].platform}.\n\n" + markdown(results))
     print(text)
     if not args.quick:
         RESULTS.write_text("# Distillation quality\n\n" + text + "\n")

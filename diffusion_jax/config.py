@@ -83,6 +83,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   is time_scale × (t, t - r); 10, not flow matching's 1000, whose ∂_t u made training diverge; see
   `models.Preconditioned`). Sample with `sample.sampler='meanflow'`
   (`sample.steps` jumps; 1: one-step generation) or any flow sampler (the instantaneous velocity, r = t).
+- `repa` (`diffusion_jax.repa`; REPA, Yu et al. 2024): `weight` λ of the alignment loss added to a 'denoise',
+  'edm' or 'flow_matching' objective (0: off; the paper's 0.5), `encoder` (the frozen encoder of the clean
+  images: 'digits', the digits classifier's last conv map), `layer` (the backbone's tap: a U-Net's down level k,
+  or len(ch_mult) + 1 its middle block; a DiT's block k; the backbone then holds the trainable projector).
 - `vdm` (`training.objective='vdm'`, `diffusion.process='vdm'`; `diffusion_jax.vdm`, `models.VDMNetwork`):
   `gamma_min`, `gamma_max` (γ's initial endpoints, learned from there; the network's time input is γ scaled
   by them), `gamma_hidden` (width of γ's monotonic network, App. H: 1024), `fourier` ((n_min, n_max) of the
@@ -259,6 +263,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.meanflow = ml_collections.ConfigDict(dict(interval_ratio=0.25, adaptive_p=1.0, adaptive_c=1e-3,
                                                       time_scale=10.0))
+    config.repa = ml_collections.ConfigDict(dict(weight=0.0, encoder="digits", layer=placeholder(int)))
     config.vdm = ml_collections.ConfigDict(
         dict(gamma_min=-13.3, gamma_max=5.0, gamma_hidden=1024, fourier=(6, 7), decoder="discrete")
     )

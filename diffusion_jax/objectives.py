@@ -57,6 +57,7 @@ from diffusion_jax import (
     flow,
     meanflow,
     reflow,
+    repa,
     vdm,
     vlb,
 )
@@ -77,6 +78,8 @@ class LossInputs(NamedTuple):
     key: jax.Array  # draws the loss's times and noise
     dropout_key: jax.Array  # the network's dropout
     noise: jax.Array | None = None  # [B, ...] noise paired with `images` (reflow's coupling), else None
+    # Where `network` records each module it calls (REPA reads what the call sowed); None: nowhere.
+    taps: list | None = None
 
 
 LossFn = Callable[[nnx.State, Any, LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
@@ -110,15 +113,50 @@ OBJECTIVES: Registry[Builder] = Registry("objective", "training.objective")
 def build(
     config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, schedule: RunProcess, example_shape: tuple[int, ...]
 ) -> Objective:
-    """The objective of `training.objective` for this model, noise schedule and example shape [H, W, C]."""
-    return OBJECTIVES.get(config.training.get("objective", "denoise"))(config, graphdef, schedule, example_shape)
+    """The objective of `training.objective` for this model, noise schedule and example shape [H, W, C], with
+    REPA's alignment loss added when `repa.weight` > 0."""
+    name = config.training.get("objective", "denoise")
+    objective = OBJECTIVES.get(name)(config, graphdef, schedule, example_shape)
+    return with_alignment(objective, config, name) if repa_weight(config) > 0 else objective
+
+
+def repa_weight(config: ml_collections.ConfigDict) -> float:
+    """λ of REPA (`repa.weight`; a config without the section: 0, off)."""
+    return float(config.get("repa", {}).get("weight", 0.0))
+
+
+def with_alignment(objective: Objective, config: ml_collections.ConfigDict, name: str) -> Objective:
+    """`objective` plus λ L_REPA (`diffusion_jax.repa`): the cosine alignment of the projection the backbone sowed
+    at `repa.layer` during the loss's forward pass on x_t with the frozen `repa.encoder`'s features of x_0,
+    pooled onto the encoder's grid; logged as 'repa' (-mean cosine, -1 at perfect alignment)."""
+    if name not in repa.OBJECTIVES:
+        raise ConfigError(f"repa.weight: {repa_weight(config)}; REPA aligns the one forward pass of "
+                          f"training.objective {', '.join(map(repr, repa.OBJECTIVES))}, not {name!r}")
+    if config.latent.get("autoencoder_workdir") is not None:
+        raise ConfigError("repa.weight: REPA's encoder reads the pixel images; this run trains on latents")
+    encode, _ = repa.encoder(config.repa.encoder)
+    weight = repa_weight(config)
+
+    def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        taps: list[nnx.Module] = []
+        value, aux = objective.loss(params, state, inputs._replace(taps=taps))
+        target = encode(inputs.images)  # [B, h, w, D]
+        projected = repa.pool_to_grid(repa.sown_features(taps), target.shape[1:3])
+        alignment = repa.alignment_loss(projected, target)
+        return value + weight * alignment, aux | {"repa": alignment}
+
+    shown = objective.shown[:1] + ("repa",) + objective.shown[1:]
+    return objective._replace(loss=loss, metrics=objective.metrics + ("repa",), shown=shown)
 
 
 def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> diffusion.ModelFn:
     """`model_fn(x_t, t)` of the network in training mode, conditioned on `inputs.cond`."""
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        return model_apply(graphdef, params, x_t, t, inputs.cond, train=True, dropout_key=inputs.dropout_key)
+        model = nnx.merge(graphdef, params)
+        if inputs.taps is not None:
+            inputs.taps.append(model)
+        return model(x_t, t, inputs.cond, train=True, rngs=nnx.Rngs(dropout=inputs.dropout_key))
 
     return model_fn
 

@@ -121,6 +121,7 @@ RULES: tuple[Rule, ...] = (
     Rule("meanflow.adaptive_p", _real(0.0), "a float >= 0 (0: the plain squared error)", optional=True),
     Rule("meanflow.adaptive_c", _real(0.0, open_low=True), "a float > 0", optional=True),
     Rule("meanflow.time_scale", _real(0.0, open_low=True), "a float > 0 (10)", optional=True),
+    Rule("repa.weight", _real(0.0), "a float >= 0 (0: off; the paper's 0.5)", optional=True),
     Rule("autoencode.kl_weight", _real(0.0), "a float >= 0", optional=True),
     Rule("autoencode.disc_start", _int(0), "an int >= 0", optional=True),
     Rule("autoencode.disc_weight", _real(0.0), "a float >= 0", optional=True),

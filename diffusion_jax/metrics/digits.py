@@ -61,6 +61,7 @@ from diffusion_jax.metrics import stats
 NATIVE_SIZE = 8  # side of the classifier's input, the digits' own resolution
 NUM_CLASSES = 10
 FEATURE_DIM = 64  # width of the feature layer that digits-FID uses
+SPATIAL_FEATURE_DIM = 32  # width of `DigitsClassifier.spatial_features`, the third conv layer's 4x4 map
 BATCH_SIZE = 256  # rows per compiled forward pass
 WEIGHTS_FILE = "digits_classifier.npz"
 VERSION = "digits-cnn-1"  # bump when the architecture, preprocessing or training changes
@@ -86,11 +87,16 @@ class DigitsClassifier(nnx.Module):
         self.hidden = nnx.Linear(2 * 2 * 32, FEATURE_DIM, rngs=rngs)
         self.head = nnx.Linear(FEATURE_DIM, NUM_CLASSES, rngs=rngs)
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """The feature layer: x [B, 8, 8, 1] -> [B, FEATURE_DIM] (pre-activations of the hidden dense layer)."""
+    def spatial_features(self, x: jax.Array) -> jax.Array:
+        """The last conv layer's map: x [B, 8, 8, 1] -> [B, 4, 4, SPATIAL_FEATURE_DIM] (after its ReLU; REPA's
+        patch features, `diffusion_jax.repa`)."""
         h = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))  # [B, 8, 8, 32]
         h = nnx.avg_pool(h, (2, 2), strides=(2, 2))  # [B, 4, 4, 32]
-        h = nnx.avg_pool(jax.nn.relu(self.conv3(h)), (2, 2), strides=(2, 2))  # [B, 2, 2, 32]
+        return jax.nn.relu(self.conv3(h))  # [B, 4, 4, 32]
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The feature layer: x [B, 8, 8, 1] -> [B, FEATURE_DIM] (pre-activations of the hidden dense layer)."""
+        h = nnx.avg_pool(self.spatial_features(x), (2, 2), strides=(2, 2))  # [B, 2, 2, 32]
         return self.hidden(h.reshape(h.shape[0], -1))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -228,7 +234,7 @@ class DigitsEvaluator:
         self.reference = reference
         self.metadata = dict(metadata or {})
         graphdef, params = nnx.split(model, nnx.Param)
-        self._params = params
+        self._graphdef, self._params = graphdef, params
 
         @jax.jit
         def forward(params: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -267,6 +273,10 @@ class DigitsEvaluator:
         )
         metadata = {k: contents[k].item() for k in _METADATA_KEYS}
         return cls(model, reference, metadata)
+
+    def classifier(self) -> DigitsClassifier:
+        """The trained classifier, a module of its own (REPA's frozen encoder)."""
+        return nnx.merge(self._graphdef, self._params)
 
     def features_and_logits(self, images: np.ndarray | jax.Array) -> tuple[np.ndarray, np.ndarray]:
         """Feature-layer activations float32 [N, 64] and logits float32 [N, 10] of images (see `to_native`)."""

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
-from diffusion_jax import conditioning
+from diffusion_jax import conditioning, repa
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models import attention
 from diffusion_jax.models.layers import ConditionEmbedder, zeros_init
@@ -342,6 +342,9 @@ class DiT(nnx.Module):
             pooled output joins c (pooled_dim = width).
         interval_embedding: a MeanFlow network u(z, r, t) (Geng et al. 2025): `cond['interval']` [B], h = t - r,
             joins c (`layers.ConditionEmbedder`); `training.objective='meanflow'` sets it.
+        repa_layer: REPA's tap (`diffusion_jax.repa`), the output of block k (1-based; the paper's SiT-XL/2: 8);
+            with `repa_dim` (the encoder's width, set from `repa.encoder`) a projector to it is built and, while
+            training, sown as `nnx.Intermediate('repa')` [B, grid, grid, repa_dim].
         rngs: parameter initialisation keys; the model keeps no RNG state.
 
     Raises:
@@ -371,6 +374,8 @@ class DiT(nnx.Module):
         text_encoder: dict | None = None,
         out_channels: int | None = None,
         interval_embedding: bool = False,
+        repa_layer: int | None = None,
+        repa_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
         if patch_size < 1 or image_size % patch_size:
@@ -443,6 +448,11 @@ class DiT(nnx.Module):
             ]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rngs=rngs)
+        if repa_dim is not None:
+            repa.check_layer(repa_layer, depth, "the blocks' outputs")
+        self.repa_layer = repa_layer if repa_dim is not None else None
+        self.repa_projector = (None if self.repa_layer is None
+                               else repa.Projector(hidden_size, repa_dim, rngs=rngs, dtype=dtype))
 
     def _init_condition(self, rngs: nnx.Rngs) -> None:
         """DiT's init of the embedders: timestep MLP weights and label table ~ N(0, 0.02^2), zero biases."""
@@ -490,8 +500,10 @@ class DiT(nnx.Module):
         attention.check_context(context, context_mask, batch=b, context_dim=self.context_dim)
         c = self.cond(t, entries)  # [B, D]
         apply = nnx.remat(_apply_block) if self.remat else _apply_block
-        for block in self.blocks:
+        for depth, block in enumerate(self.blocks, start=1):
             h = apply(block, h, c, context, context_mask)  # [B, T, D]
+            if train and depth == self.repa_layer:  # REPA's projection of block k's tokens, on their grid
+                self.sow(nnx.Intermediate, "repa", self.repa_projector(h).reshape(b, grid, grid, -1))
         out = self.final_layer(h, c)  # [B, T, p*p*C']
         return unpatchify(out, self.patch_size, self.out_channels)  # [B, H, W, C']
 

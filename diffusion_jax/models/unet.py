@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from diffusion_jax import conditioning
+from diffusion_jax import conditioning, repa
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.attention import SpatialTransformer
 from diffusion_jax.models.layers import (
@@ -373,9 +373,17 @@ class Encoder(nnx.Module):
         time_freq_shift: float = 0.0,
         low_res_size: int | None = None,
         interval_embedding: bool = False,
+        repa_layer: int | None = None,
+        repa_dim: int | None = None,
     ) -> list[int]:
         """Builds the encoder; returns the widths of the activations a decoder concatenates."""
         ch, rngs, dtype = blocks.ch, blocks.rngs, blocks.dtype
+        if repa_dim is not None:
+            repa.check_layer(repa_layer, len(blocks.ch_mult) + 1, "the down levels' outputs, then the middle block")
+        self.repa_layer = repa_layer if repa_dim is not None else None
+        widths = [ch * mult for mult in blocks.ch_mult] + [ch * blocks.ch_mult[-1]]  # at each tap
+        self.repa_projector = (None if self.repa_layer is None
+                               else repa.Projector(widths[repa_layer - 1], repa_dim, rngs=rngs, dtype=dtype))
         if low_res_size is not None and not (0 < low_res_size < blocks.image_size
                                              and blocks.image_size % low_res_size == 0):
             raise ConfigError(f"model.low_res_size: got {low_res_size}; a super-resolution model's input must be "
@@ -429,17 +437,24 @@ class Encoder(nnx.Module):
             x = jnp.concatenate([x, self._upsampled_low_res(cond.get("low_res"), x)], axis=-1)  # [B, H, W, 2C]
         h = self.conv_in(x)  # [B, H, W, ch]
         hs = [h]
-        for level in self.down:
+        for tap, level in enumerate(self.down, start=1):
             for stage in level.stages:
                 h = stage(h, emb, train, rngs, context)
                 hs.append(h)
+            self._sow_repa(h, tap, train)
             if level.resample is not None:
                 h = level.resample(h, emb, train, rngs)
                 hs.append(h)
         h = self.mid_block1(h, emb, train, rngs)
         h = _attend(self.mid_attn, h, context)
         h = self.mid_block2(h, emb, train, rngs)
+        self._sow_repa(h, len(self.down) + 1, train)
         return h, hs, emb, context
+
+    def _sow_repa(self, h: jax.Array, tap: int, train: bool) -> None:
+        """While training, sows REPA's projection of the activations h [B, h, w, C] at `model.repa_layer`."""
+        if train and tap == self.repa_layer:
+            self.sow(nnx.Intermediate, "repa", self.repa_projector(h))
 
     def _upsampled_low_res(self, low_res: jax.Array | None, x: jax.Array) -> jax.Array:
         """SR3's conditioning input (Saharia et al. 2021, arXiv 2104.07636, §2.4): the low-resolution image
@@ -508,6 +523,9 @@ class UNet(Encoder):
             time embedding (`layers.ConditionEmbedder`). None: off.
         interval_embedding: a MeanFlow network u(z, r, t) (Geng et al. 2025): `cond['interval']` [B], h = t - r,
             joins the time embedding (`layers.ConditionEmbedder`); `training.objective='meanflow'` sets it.
+        repa_layer: REPA's tap (`diffusion_jax.repa`): k <= len(ch_mult) the output of down level k (before its
+            downsampling), len(ch_mult) + 1 the middle block; with `repa_dim` (the encoder's width, set from
+            `repa.encoder`) a projector to it is built and, while training, sown as `nnx.Intermediate('repa')`.
 
     Raises:
         ConfigError: when `image_size` cannot be halved len(ch_mult) - 1 times, an
@@ -544,6 +562,8 @@ class UNet(Encoder):
         downsample_padding: int | None = None,
         low_res_size: int | None = None,
         interval_embedding: bool = False,
+        repa_layer: int | None = None,
+        repa_dim: int | None = None,
     ):
         if text_encoder is not None:
             context_dim = context_dim or text_encoder.get("width")
@@ -553,7 +573,7 @@ class UNet(Encoder):
             transformer_depth=transformer_depth, norm_eps=norm_eps, downsample_padding=downsample_padding,
         )
         skip_chans = self._build_encoder(blocks, in_channels, num_classes, pooled_dim, text_encoder, time_freq_shift,
-                                         low_res_size, interval_embedding)
+                                         low_res_size, interval_embedding, repa_layer, repa_dim)
 
         cur = ch * blocks.ch_mult[-1]
         up = []

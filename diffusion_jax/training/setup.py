@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import diffusion, distributed, models, samplers, schedules, sde, vdm, vlb
+from diffusion_jax import diffusion, distributed, models, repa, samplers, schedules, sde, vdm, vlb
 from diffusion_jax.data import captions
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.vdm_network import feature_channels
@@ -143,6 +143,8 @@ def build_model(
     meanflow = process == "flow" and config.training.get("objective") == "meanflow"
     if meanflow:  # u(z, r, t) embeds the interval t - r beside t
         kwargs["interval_embedding"] = True
+    if float(config.get("repa", {}).get("weight", 0.0)) > 0:  # REPA's tap and projector to the encoder's width
+        kwargs.update(repa_layer=config.repa.layer, repa_dim=repa.encoder_width(config.repa.encoder))
     if process == "vdm":  # the backbone reads the Fourier features and predicts the data's channels
         fourier = tuple(config.vdm.fourier) or None
         name, size = ("in_channels", "out_channels") if "in_channels" in kwargs else ("in_features", "out_features")

@@ -1,0 +1,88 @@
+"""REPA (Yu et al. 2024): the alignment loss, the backbones' taps, and a run trained with it."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_build_errors, changed, tiny_digits_config
+from flax import nnx
+
+import diffusion_jax as dj
+from diffusion_jax import models, repa
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.metrics import digits
+from diffusion_jax.training.loop import train
+
+
+def test_the_alignment_is_minus_the_mean_cosine_on_the_encoders_grid():
+    target = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    assert float(repa.alignment_loss(3.0 * target, target)) == pytest.approx(-1.0, abs=1e-6)  # scale-free
+    assert float(repa.alignment_loss(-target, target)) == pytest.approx(1.0, abs=1e-6)
+    tokens = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+    pooled = repa.pool_to_grid(tokens, (4, 4))
+    np.testing.assert_allclose(pooled[1, 2, 3], tokens[1, 4:6, 6:8].mean(axis=(0, 1)))
+    with pytest.raises(ConfigError, match=r"^repa.layer: its tokens lie on a 8x8 grid, which does not pool onto"):
+        repa.pool_to_grid(tokens, (3, 3))
+
+
+@pytest.mark.parametrize("name,kwargs,layer,shape", [
+    ("unet", dict(image_size=8, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()), 3,
+     (2, 4, 4, 5)),
+    ("dit", dict(image_size=8, in_channels=1, patch_size=2, hidden_size=16, depth=2, num_heads=2), 1, (2, 4, 4, 5)),
+])
+def test_a_tapped_backbone_sows_its_projection_only_while_training(name, kwargs, layer, shape):
+    make = lambda: models.create(name, repa_layer=layer, repa_dim=5, rngs=nnx.Rngs(0), **kwargs)  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    params = jax.jit(lambda: nnx.split(make())[1])()
+
+    @jax.jit
+    def sown(params: nnx.State) -> tuple[list, list]:
+        leaves = []
+        for is_training in (False, True):
+            model = nnx.merge(graphdef, params)
+            model(jnp.zeros((2, 8, 8, 1)), jnp.ones((2,)), None, train=is_training, rngs=nnx.Rngs(dropout=0))
+            leaves.append(jax.tree.leaves(nnx.pop(model, nnx.Intermediate)))
+        return leaves
+
+    evaluating, training = sown(params)
+    assert not evaluating and [leaf.shape for leaf in training] == [shape]
+    with pytest.raises(ConfigError, match=r"^repa.layer: 9; this backbone's taps are 1\.\."):
+        nnx.eval_shape(lambda: models.create(name, repa_layer=9, repa_dim=5, rngs=nnx.Rngs(0), **kwargs))
+
+
+def test_digits_encoder_features_are_the_classifiers_last_conv_map():
+    encode, width = repa.encoder("digits")
+    x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 1)), jnp.float32)
+    features = encode(x0)
+    assert features.shape == (3, 4, 4, width) and width == repa.encoder_width("digits")
+    evaluator = digits.default_evaluator()
+    native = jnp.asarray(digits.to_native(np.asarray(x0)))
+    np.testing.assert_allclose(features, evaluator.classifier().spatial_features(native), atol=1e-5)
+
+
+def test_a_repa_run_aligns_its_tap_and_loads(digits_data_dir, tmp_path):
+    config = tiny_digits_config(digits_data_dir)
+    config.repa.update(weight=0.5, layer=3)  # the middle block, 4x4: the encoder's grid
+    config.training.update(num_steps=6, log_every=1, checkpoint_every=6, sample_every=0)
+    train(config, tmp_path / "repa")
+    logged = [json.loads(line) for line in (tmp_path / "repa" / "metrics.jsonl").read_text().splitlines()]
+    alignment = [row["repa"] for row in logged if "repa" in row]
+    assert len(alignment) == 6 and alignment[-1] < alignment[0] - 0.1  # the projector learns to align
+    loaded = dj.load(tmp_path / "repa")
+    assert "repa_projector" in loaded.params  # trained with the run, unused when sampling
+    assert loaded.sample(jax.random.key(0), 2, steps=2).shape == (2, 8, 8, 1)
+
+    vdm = changed(tiny_digits_config(digits_data_dir), {
+        "repa.weight": 0.5, "repa.layer": 3, "training.objective": "vdm", "diffusion.process": "vdm",
+        "diffusion.prediction": "eps", "vdm.decoder": "gaussian", "eval.metrics": ("digits",)})
+    assert_build_errors([
+        (vdm, r"^repa.weight: 0.5; REPA aligns the one forward pass of training.objective 'denoise', 'edm', "
+              r"'flow_matching', not 'vdm'"),
+        (changed(tiny_digits_config(digits_data_dir), {"repa.weight": 0.5}),
+         r"^repa.layer: None; this backbone's taps are 1..3"),
+        (changed(tiny_digits_config(digits_data_dir), {"repa.weight": 0.5, "repa.layer": 3,
+                                                       "repa.encoder": "dinov2"}),
+         r"^repa.encoder: unknown 'dinov2'; choose one of: digits"),
+    ])
