@@ -112,8 +112,9 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `blur_size` taps and `blur_std` pixels; 'downsample': f × f means, f = `factor`; None: off), sampled by `method`
   ('tweedie': Gaussian conditioning with Tweedie's covariance, exact for Gaussian data, `cg_steps` CG iterations;
   'pigdm': ΠGDM; 'dps': DPS with step ζ = `scale`; `scale` multiplies the others' correction).
-- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency), `steps`
-  (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw params),
+- `sample`: `sampler` (ddpm | ddim | dpm_solver++ | euler | heun | pc | langevin | ode | consistency |
+  meanflow), `steps` (None: the sampler's default), `num_samples`, `batch_size`, `ema_decay` (which EMA; None: raw
+  params),
   `ema_sigma_rel` (instead: the power EMA of this σ_rel, tracked in training or, in sample and eval mode and
   `diffusion_jax.load`, rebuilt post hoc from the run's snapshots at the checkpoint's step), `png_scale`, and
   the sampler's own options, None meaning the sampler's default (see `diffusion_jax.samplers`): `eta`,

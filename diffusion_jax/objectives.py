@@ -117,12 +117,7 @@ def build(
     REPA's alignment loss added when `repa.weight` > 0."""
     name = config.training.get("objective", "denoise")
     objective = OBJECTIVES.get(name)(config, graphdef, schedule, example_shape)
-    return with_alignment(objective, config, name) if repa_weight(config) > 0 else objective
-
-
-def repa_weight(config: ml_collections.ConfigDict) -> float:
-    """λ of REPA (`repa.weight`; a config without the section: 0, off)."""
-    return float(config.get("repa", {}).get("weight", 0.0))
+    return with_alignment(objective, config, name) if repa.weight(config) > 0 else objective
 
 
 def with_alignment(objective: Objective, config: ml_collections.ConfigDict, name: str) -> Objective:
@@ -130,12 +125,12 @@ def with_alignment(objective: Objective, config: ml_collections.ConfigDict, name
     at `repa.layer` during the loss's forward pass on x_t with the frozen `repa.encoder`'s features of x_0,
     pooled onto the encoder's grid; logged as 'repa' (-mean cosine, -1 at perfect alignment)."""
     if name not in repa.OBJECTIVES:
-        raise ConfigError(f"repa.weight: {repa_weight(config)}; REPA aligns the one forward pass of "
+        raise ConfigError(f"repa.weight: {repa.weight(config)}; REPA aligns the one forward pass of "
                           f"training.objective {', '.join(map(repr, repa.OBJECTIVES))}, not {name!r}")
     if config.latent.get("autoencoder_workdir") is not None:
         raise ConfigError("repa.weight: REPA's encoder reads the pixel images; this run trains on latents")
     encode, _ = repa.encoder(config.repa.encoder)
-    weight = repa_weight(config)
+    weight = repa.weight(config)
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         taps: list[nnx.Module] = []

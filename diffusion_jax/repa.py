@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 from jax.typing import DTypeLike
 
@@ -43,6 +44,11 @@ class Projector(nnx.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         """[..., in_dim] -> [..., out_dim]."""
         return self.fc3(nnx.silu(self.fc2(nnx.silu(self.fc1(h)))))
+
+
+def weight(config: ml_collections.ConfigDict) -> float:
+    """λ (`repa.weight`; a config without the section, such as an older run's: 0, off)."""
+    return float(config.get("repa", {}).get("weight", 0.0))
 
 
 def check_layer(layer: int | None, num_layers: int, what: str) -> None:

@@ -43,11 +43,11 @@ def build_process(config: ml_collections.ConfigDict) -> RunProcess:
     if process == "vdm":
         return vdm_schedule(config)
     if process == "flow":
-        meanflow = config.training.get("objective") == "meanflow"
-        if config.sample.get("sampler") == "meanflow" and not meanflow:
-            raise ConfigError("sample.sampler: 'meanflow' jumps with a MeanFlow network's average velocity; this run "
-                              f"is training.objective={config.training.get('objective')!r} (sample it with 'ddim', "
-                              "'heun', 'dpm_solver++' or 'ode')")
+        objective = config.training.get("objective")
+        if config.sample.get("sampler") == "meanflow" and objective != "meanflow":
+            raise ConfigError(f"sample.sampler: 'meanflow' jumps with a MeanFlow network's average velocity; this run "
+                              f"is training.objective={objective!r} (sample it with 'ddim', 'heun', 'dpm_solver++' "
+                              "or 'ode')")
         return sde.Flow()
     if process == "edm":
         if not 0 < d.sigma_min < d.sigma_max:
@@ -143,7 +143,7 @@ def build_model(
     meanflow = process == "flow" and config.training.get("objective") == "meanflow"
     if meanflow:  # u(z, r, t) embeds the interval t - r beside t
         kwargs["interval_embedding"] = True
-    if float(config.get("repa", {}).get("weight", 0.0)) > 0:  # REPA's tap and projector to the encoder's width
+    if repa.weight(config) > 0:  # REPA's tap and projector to the encoder's width
         kwargs.update(repa_layer=config.repa.layer, repa_dim=repa.encoder_width(config.repa.encoder))
     if process == "vdm":  # the backbone reads the Fourier features and predicts the data's channels
         fourier = tuple(config.vdm.fourier) or None
