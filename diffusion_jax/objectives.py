@@ -148,10 +148,8 @@ def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> di
     """`model_fn(x_t, t)` of the network in training mode, conditioned on `inputs.cond`."""
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, params)
-        if inputs.taps is not None:
-            inputs.taps.append(model)
-        return model(x_t, t, inputs.cond, train=True, rngs=nnx.Rngs(dropout=inputs.dropout_key))
+        return model_apply(graphdef, params, x_t, t, inputs.cond, train=True, dropout_key=inputs.dropout_key,
+                           modules=inputs.taps)
 
     return model_fn
 

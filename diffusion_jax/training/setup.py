@@ -191,9 +191,13 @@ def model_apply(
     *,
     train: bool = False,
     dropout_key: jax.Array | None = None,
+    modules: list[nnx.Module] | None = None,
 ) -> jax.Array:
-    """Calls the model given by (graphdef, params) as a pure function."""
+    """Calls the model given by (graphdef, params) as a pure function; with `modules`, appends the module it
+    called there, so that the caller can read what the call sowed (REPA's tap, `objectives.with_alignment`)."""
     model = nnx.merge(graphdef, params)
+    if modules is not None:
+        modules.append(model)
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
     return model(x, t, cond, train=train, rngs=rngs)
 
