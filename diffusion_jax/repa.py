@@ -25,6 +25,7 @@ import ml_collections
 from flax import nnx
 from jax.typing import DTypeLike
 
+from diffusion_jax import inverse
 from diffusion_jax.errors import ConfigError
 
 ENCODERS = ("digits",)
@@ -69,13 +70,14 @@ def check_encoder(name: str) -> None:
 
 
 def pool_to_grid(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Area-average tokens [B, h, w, D] onto an encoder's coarser grid [B, gh, gw, D] (h, w multiples of it)."""
-    b, h, w, d = tokens.shape
+    """Area-average square tokens [B, h, h, D] onto an encoder's coarser square grid [B, g, g, D] (h a multiple of
+    g; `inverse.area_downsample`)."""
+    h, w = tokens.shape[1:3]
     gh, gw = grid
-    if h % gh or w % gw:
+    if h != w or gh != gw or h % gh:
         raise ConfigError(f"repa.layer: its tokens lie on a {h}x{w} grid, which does not pool onto the "
                           f"encoder's {gh}x{gw}; choose a layer whose resolution is a multiple of it")
-    return tokens.reshape(b, gh, h // gh, gw, w // gw, d).mean(axis=(2, 4))
+    return inverse.area_downsample(tokens, gh)
 
 
 def alignment_loss(projected: jax.Array, target: jax.Array) -> jax.Array:
@@ -100,10 +102,8 @@ def digits_encoder() -> tuple[Encoder, int]:
         if x0.ndim != 4 or x0.shape[-1] != 1 or size < digits.NATIVE_SIZE:
             raise ConfigError(f"repa.encoder: 'digits' reads greyscale digits [B, S, S, 1], S >= 8; the data are "
                               f"{list(x0.shape[1:])}")
-        if size != digits.NATIVE_SIZE:
-            down = jnp.asarray(digits.downsampling_matrix(size))  # [8, S]
-            x0 = jnp.clip(jnp.einsum("ih,nhwc,jw->nijc", down, x0.astype(jnp.float32), down), -1.0, 1.0)
-        return jax.lax.stop_gradient(classifier.spatial_features(x0))
+        native = digits.downsample_to_native(x0.astype(jnp.float32))  # [B, 8, 8, 1]
+        return jax.lax.stop_gradient(classifier.spatial_features(native))
 
     return encode, digits.SPATIAL_FEATURE_DIM
 

@@ -207,12 +207,18 @@ def to_native(images: np.ndarray | jax.Array) -> np.ndarray:
         x = images.astype(np.float32) / 127.5 - 1.0
     else:
         x = np.clip(images.astype(np.float32), -1.0, 1.0)
-    size = images.shape[1]
+    return downsample_to_native(x)
+
+
+def downsample_to_native(x: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """Float images [N, S, S, 1] in [-1, 1] -> [N, 8, 8, 1]: `downsampling_matrix` on each axis, clipped to
+    [-1, 1]; unchanged at S = 8. NumPy in, NumPy out; JAX in (traceable), JAX out."""
+    size = x.shape[1]
     if size == NATIVE_SIZE:
         return x
-    down = downsampling_matrix(size)  # [8, S]
-    x8 = np.einsum("ih,nhwc,jw->nijc", down, x, down)  # [N, 8, 8, 1]
-    return np.clip(x8, -1.0, 1.0)
+    xp = jnp if isinstance(x, jax.Array) else np
+    down = xp.asarray(downsampling_matrix(size))  # [8, S]
+    return xp.clip(xp.einsum("ih,nhwc,jw->nijc", down, x, down), -1.0, 1.0)  # [N, 8, 8, 1]
 
 
 class DigitsEvaluator:
