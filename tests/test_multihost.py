@@ -1,33 +1,20 @@
 """Multi-process runs: the distributed flags, the local launcher, and 2 processes x 4 devices
 training exactly what 1 process x 8 devices trains."""
 
-import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from multihost_run import REPO, assert_same_training, launch_local, load_launcher, run_flags, saved_state
 
 from diffusion_jax import distributed
 from diffusion_jax.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_launcher():
-    spec = importlib.util.spec_from_file_location("launch_local", REPO / "launch" / "local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-launcher = _load_launcher()
+launcher = load_launcher()
 
 # --- distributed.initialize's flags (nothing connects: every case fails or stays single-process) ---
 
@@ -138,58 +125,20 @@ def test_launcher_stops_the_others_when_one_fails(capsys):
 # --- 2 processes x 4 devices == 1 process x 8 devices ---
 
 STEPS = 10
-RUN_FLAGS = [
-    "--config=configs/ddpm_swissroll.py",
-    f"--config.training.num_steps={STEPS}",
-    "--config.training.batch_size=64",
-    "--config.training.log_every=5",
-    f"--config.training.checkpoint_every={STEPS // 2}",
-    "--config.training.sample_every=0",  # samples once, at the last step
-    "--config.optim.warmup_steps=2",
-    "--config.sample.steps=10",
-    "--config.sample.num_samples=64",
-    "--config.sample.batch_size=32",  # two batches: generate() gathers each one
-]
-
-
-def _launch(workdir: Path, num_processes: int, devices: int) -> subprocess.Popen:
-    cache = os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache")
-    env = os.environ | {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    return subprocess.Popen(
-        [sys.executable, "launch/local.py", f"--num_processes={num_processes}", f"--devices_per_process={devices}",
-         "--", *RUN_FLAGS, f"--workdir={workdir}", "--initialization_timeout=120"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def _saved_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """Every array of a checkpoint as NumPy, read without a mesh (the saver's spanned 2 processes)."""
-    path = workdir / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def test_two_processes_train_what_one_process_trains(tmp_path):
     """Same global batches, same mesh of 8 devices: the parameters, EMA and optimiser state after
     training agree to float rounding, and so do the samples gathered from both processes."""
     two, one = tmp_path / "two", tmp_path / "one"
-    procs = {"2x4": _launch(two, 2, 4), "1x8": _launch(one, 1, 8)}  # concurrently: each waits on the other's
+    flags = run_flags(STEPS)
+    procs = {"2x4": launch_local(two, 2, 4, flags), "1x8": launch_local(one, 1, 8, flags)}  # each waits on the other's
     outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name} failed:\n{outputs[name][-5000:]}"
     assert "[p1]" in outputs["2x4"] and "Process 1 of 2" in outputs["2x4"]
 
-    final_two, final_one, middle = _saved_state(two, STEPS), _saved_state(one, STEPS), _saved_state(one, STEPS // 2)
-    assert final_two.keys() == final_one.keys() and len(final_one) > 20
-    moved = max(np.abs(final_one[k] - middle[k]).max() for k in final_one if "params" in k)
-    assert moved > 1e-3  # the last 5 steps changed the parameters far beyond the tolerance below
-    for key in final_one:
-        np.testing.assert_allclose(final_two[key], final_one[key], rtol=1e-5, atol=1e-5, err_msg=key)
-
-    # The samples gathered from both processes' devices (process 0 writes them).
-    samples = [np.load(w / "samples" / f"samples_{STEPS}.npz")["arr_0"] for w in (two, one)]
-    assert samples[0].shape == (64, 2)
-    np.testing.assert_allclose(samples[0], samples[1], rtol=1e-4, atol=1e-4)
+    final, middle = saved_state(one, STEPS), saved_state(one, STEPS // 2)
+    moved = max(np.abs(final[k] - middle[k]).max() for k in final if "params" in k)
+    assert moved > 1e-3  # the last 5 steps changed the parameters far beyond the comparison's tolerance
+    assert_same_training(two, one, STEPS)  # and the samples gathered from both processes' devices
