@@ -85,8 +85,11 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   (`sample.steps` jumps; 1: one-step generation) or any flow sampler (the instantaneous velocity, r = t).
 - `repa` (`diffusion_jax.repa`; REPA, Yu et al. 2024): `weight` λ of the alignment loss added to a 'denoise',
   'edm' or 'flow_matching' objective (0: off; the paper's 0.5), `encoder` (the frozen encoder of the clean
-  images: 'digits', the digits classifier's last conv map), `layer` (the backbone's tap: a U-Net's down level k,
-  or len(ch_mult) + 1 its middle block; a DiT's block k; the backbone then holds the trainable projector).
+  images: 'digits', the digits classifier's last conv map; 'dinov2', DINOv2's patch tokens, `models.dinov2`),
+  `encoder_path` ('dinov2': a Hugging Face facebook/dinov2-* model.safetensors, or its folder with config.json),
+  `encoder_resolution` ('dinov2': the images are resized to it, a multiple of the patch size 14; REPA's 224),
+  `layer` (the backbone's tap: a U-Net's down level k, or len(ch_mult) + 1 its middle block; a DiT's block k;
+  the backbone then holds the trainable projector).
 - `vdm` (`training.objective='vdm'`, `diffusion.process='vdm'`; `diffusion_jax.vdm`, `models.VDMNetwork`):
   `gamma_min`, `gamma_max` (γ's initial endpoints, learned from there; the network's time input is γ scaled
   by them), `gamma_hidden` (width of γ's monotonic network, App. H: 1024), `fourier` ((n_min, n_max) of the
@@ -264,7 +267,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.meanflow = ml_collections.ConfigDict(dict(interval_ratio=0.25, adaptive_p=1.0, adaptive_c=1e-3,
                                                       time_scale=10.0))
-    config.repa = ml_collections.ConfigDict(dict(weight=0.0, encoder="digits", layer=placeholder(int)))
+    config.repa = ml_collections.ConfigDict(dict(weight=0.0, encoder="digits", layer=placeholder(int),
+                                                 encoder_path=placeholder(str), encoder_resolution=224))
     config.vdm = ml_collections.ConfigDict(
         dict(gamma_min=-13.3, gamma_max=5.0, gamma_hidden=1024, fourier=(6, 7), decoder="discrete")
     )

@@ -129,7 +129,8 @@ def with_alignment(objective: Objective, config: ml_collections.ConfigDict, name
                           f"training.objective {', '.join(map(repr, repa.OBJECTIVES))}, not {name!r}")
     if config.latent.get("autoencoder_workdir") is not None:
         raise ConfigError("repa.weight: REPA's encoder reads the pixel images; this run trains on latents")
-    encode, _ = repa.encoder(config.repa.encoder)
+    encode, _ = repa.encoder(config.repa.encoder, config.repa.get("encoder_path"),
+                             config.repa.get("encoder_resolution", repa.RESOLUTION))
     weight = repa.weight(config)
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -14,7 +14,10 @@ block) or a DiT (block k), projected by `Projector` to the encoder's width and s
 `nnx.Intermediate('repa')` while training ([B, h, w, D], tokens on their spatial grid). The objective wrapper
 `with_alignment` adds λ L_REPA to a one-forward-pass objective (`training.objective` 'denoise', 'edm',
 'flow_matching'), area-pooling the tokens onto the encoder's grid. Encoders (`repa.encoder`): 'digits', the
-frozen digits classifier (`metrics.digits`; its last conv layer, 4 x 4 x 32 on the 8 x 8 digit).
+frozen digits classifier (`metrics.digits`; its last conv layer, 4 x 4 x 32 on the 8 x 8 digit); 'dinov2', the
+paper's DINOv2 (`models.dinov2`, Oquab et al. 2023) from the Hugging Face checkpoint at `repa.encoder_path`: its
+normalised patch tokens of x_0 resized to `repa.encoder_resolution` (REPA's 224 for 256 px images: 16 x 16 x D,
+D = 768 for DINOv2-B/14).
 """
 
 from collections.abc import Callable
@@ -28,7 +31,8 @@ from jax.typing import DTypeLike
 from diffusion_jax import inverse
 from diffusion_jax.errors import ConfigError
 
-ENCODERS = ("digits",)
+ENCODERS = ("digits", "dinov2")
+RESOLUTION = 224  # DINOv2's input size in REPA (256 px images resized for DINOv2-B/14: 16 x 16 tokens)
 OBJECTIVES = ("denoise", "edm", "flow_matching")  # one network call on x_t per loss, which the tap records
 Encoder = Callable[[jax.Array], jax.Array]  # x_0 [B, H, W, C] in [-1, 1] -> features [B, h, w, D]
 
@@ -58,9 +62,14 @@ def check_layer(layer: int | None, num_layers: int, what: str) -> None:
         raise ConfigError(f"repa.layer: {layer!r}; this backbone's taps are 1..{num_layers} ({what})")
 
 
-def encoder_width(name: str) -> int:
-    """The feature width D of encoder `name` (what the projector maps to), without loading it."""
+def encoder_width(name: str, path: str | None = None) -> int:
+    """The feature width D of encoder `name` (what the projector maps to), without loading it; 'dinov2' reads it
+    from the checkpoint at `path` (`repa.encoder_path`)."""
     check_encoder(name)
+    if name == "dinov2":
+        from diffusion_jax.convert import dinov2
+
+        return dinov2.width(_dinov2_path(path))
     return 32  # 'digits': metrics.digits.SPATIAL_FEATURE_DIM
 
 
@@ -108,10 +117,42 @@ def digits_encoder() -> tuple[Encoder, int]:
     return encode, digits.SPATIAL_FEATURE_DIM
 
 
-def encoder(name: str) -> tuple[Encoder, int]:
-    """(encode, feature width) of `repa.encoder`."""
+def _dinov2_path(path: str | None) -> str:
+    if not path:
+        raise ConfigError(f"repa.encoder_path: {path!r}; repa.encoder='dinov2' reads a Hugging Face DINOv2 "
+                          "checkpoint (facebook/dinov2-base's model.safetensors, or its folder)")
+    return path
+
+
+def dinov2_encoder(path: str | None, resolution: int = RESOLUTION) -> tuple[Encoder, int]:
+    """DINOv2's normalised patch tokens [B, r/p, r/p, D] of x_0 [B, H, W, C] (C = 1 or 3), preprocessed as REPA:
+    [-1, 1] -> [0, 1], greyscale repeated to RGB, resized to r = `resolution` (antialiased bicubic), normalised by
+    ImageNet's mean and std; and D. The weights come from `path` (`convert.dinov2.load`)."""
+    from diffusion_jax.convert import dinov2
+    from diffusion_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+
+    model = dinov2.load(_dinov2_path(path))
+    if resolution % model.patch_size:
+        raise ConfigError(f"repa.encoder_resolution: {resolution} is not a multiple of the encoder's patch size "
+                          f"{model.patch_size} (REPA's {RESOLUTION})")
+    mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+
+    def encode(x0: jax.Array) -> jax.Array:
+        if x0.ndim != 4 or x0.shape[-1] not in (1, 3):
+            raise ConfigError(f"repa.encoder: 'dinov2' reads greyscale or RGB images [B, H, W, 1 or 3]; the data are "
+                              f"{list(x0.shape[1:])}")
+        x = jnp.broadcast_to((x0.astype(jnp.float32) + 1) / 2, (*x0.shape[:3], 3))  # [B, H, W, 3] in [0, 1]
+        x = jax.image.resize(x, (x.shape[0], resolution, resolution, 3), "bicubic", antialias=True)
+        return jax.lax.stop_gradient(model((x - mean) / std))  # [B, r/p, r/p, D]
+
+    return encode, model.norm.scale.shape[0]
+
+
+def encoder(name: str, path: str | None = None, resolution: int = RESOLUTION) -> tuple[Encoder, int]:
+    """(encode, feature width) of `repa.encoder`; 'dinov2' from the checkpoint at `path` (`repa.encoder_path`) at
+    `resolution` (`repa.encoder_resolution`)."""
     check_encoder(name)
-    return digits_encoder()
+    return dinov2_encoder(path, resolution) if name == "dinov2" else digits_encoder()
 
 
 def sown_features(modules: list[nnx.Module]) -> jax.Array:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_build_errors, changed, tiny_digits_config
 from flax import nnx
+from test_dinov2 import hf_patch_tokens, save_tiny_dinov2
 
 import diffusion_jax as dj
 from diffusion_jax import models, repa
@@ -83,6 +84,40 @@ def test_a_repa_run_aligns_its_tap_and_loads(digits_data_dir, tmp_path):
         (changed(tiny_digits_config(digits_data_dir), {"repa.weight": 0.5}),
          r"^repa.layer: None; this backbone's taps are 1..3"),
         (changed(tiny_digits_config(digits_data_dir), {"repa.weight": 0.5, "repa.layer": 3,
-                                                       "repa.encoder": "dinov2"}),
-         r"^repa.encoder: unknown 'dinov2'; choose one of: digits"),
+                                                       "repa.encoder": "clip"}),
+         r"^repa.encoder: unknown 'clip'; choose one of: digits, dinov2"),
+    ])
+
+
+def test_dinov2_encoder_reads_digits_as_repa_preprocesses_them(tmp_path):
+    reference = save_tiny_dinov2(tmp_path)  # D = 32, patch 14
+    encode, width = repa.encoder("dinov2", str(tmp_path), resolution=28)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    features = jax.jit(encode)(jnp.asarray(x0))
+    assert features.shape == (3, 2, 2, 32) and width == 32 == repa.encoder_width("dinov2", str(tmp_path))
+    rgb = jax.image.resize(np.repeat((x0 + 1) / 2, 3, axis=-1), (3, 28, 28, 3), "bicubic", antialias=True)
+    pixels = (np.asarray(rgb) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]  # ImageNet's normalisation
+    expected = hf_patch_tokens(reference, pixels.astype(np.float32)).reshape(3, 2, 2, 32)
+    np.testing.assert_allclose(features, expected, atol=2e-5)
+
+
+def test_dinov2_encoder_config_errors(digits_data_dir, tmp_path):
+    save_tiny_dinov2(tmp_path / "dinov2")
+    (tmp_path / "weights.pth").write_bytes(b"\0")
+    for path, message in [
+        (None, r"^repa.encoder_path: None; repa.encoder='dinov2' reads a Hugging Face DINOv2 checkpoint"),
+        (str(tmp_path / "absent"), r"^repa.encoder_path: no file or folder at .*absent$"),
+        (str(tmp_path / "weights.pth"), r"^repa.encoder_path: .*weights.pth is neither a .safetensors file nor"),
+    ]:
+        for build in (lambda: repa.encoder_width("dinov2", path), lambda: repa.encoder("dinov2", path)):  # noqa: B023
+            with pytest.raises(ConfigError, match=message):
+                build()
+    dinov2 = {"repa.weight": 0.5, "repa.layer": 3, "repa.encoder": "dinov2"}
+    assert_build_errors([  # the run's setup and objective read repa.encoder_path and repa.encoder_resolution
+        (changed(tiny_digits_config(digits_data_dir), dinov2), r"^repa.encoder_path: None; "),
+        (changed(tiny_digits_config(digits_data_dir), dinov2 | {"repa.encoder_path": ""}),
+         r"^repa.encoder_path: got ''; expected None or the path of a DINOv2 model.safetensors"),
+        (changed(tiny_digits_config(digits_data_dir), dinov2 | {"repa.encoder_path": str(tmp_path / "dinov2"),
+                                                                "repa.encoder_resolution": 30}),
+         r"^repa.encoder_resolution: 30 is not a multiple of the encoder's patch size 14"),
     ])

@@ -144,7 +144,8 @@ def build_model(
     if meanflow:  # u(z, r, t) embeds the interval t - r beside t
         kwargs["interval_embedding"] = True
     if repa.weight(config) > 0:  # REPA's tap and projector to the encoder's width
-        kwargs.update(repa_layer=config.repa.layer, repa_dim=repa.encoder_width(config.repa.encoder))
+        kwargs.update(repa_layer=config.repa.layer,
+                      repa_dim=repa.encoder_width(config.repa.encoder, config.repa.get("encoder_path")))
     if process == "vdm":  # the backbone reads the Fourier features and predicts the data's channels
         fourier = tuple(config.vdm.fourier) or None
         name, size = ("in_channels", "out_channels") if "in_channels" in kwargs else ("in_features", "out_features")
