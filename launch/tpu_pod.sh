@@ -21,6 +21,8 @@
 #   --repo=URL [--branch=B]      setup: git clone URL on every worker instead of copying this checkout
 #   --python=X.Y                 Python of the workers' virtualenv (default 3.11; the runtimes ship 3.10)
 #   --detach                     run: start in the background, logs in ~/diffusion_jax.log on each worker
+#   --dry-run                    print the gcloud commands instead of running them (gcloud not needed);
+#                                the other lines it prints start with '#'
 #
 # Example (a v4-32 slice: 4 hosts x 4 chips; process i runs on host i, found by JAX from the TPU metadata):
 #   launch/tpu_pod.sh up --name=dj --zone=us-central2-b --accelerator-type=v4-32 --spot -- \
@@ -67,6 +69,7 @@ repo=""
 branch=""
 python_version="3.11"
 detach=0
+dry_run=0
 main_args=()
 while (($#)); do
   case "$1" in
@@ -81,6 +84,7 @@ while (($#)); do
     --branch=*) branch="${1#*=}" ;;
     --python=*) python_version="${1#*=}" ;;
     --detach) detach=1 ;;
+    --dry-run) dry_run=1 ;;
     -h | --help) usage 0 ;;
     --)
       shift
@@ -94,6 +98,32 @@ done
 [[ -n "$name" ]] || die "--name: required (the TPU's name), or set \$TPU_NAME"
 [[ -n "$zone" ]] || die "--zone: required (e.g. us-central2-b), or set \$ZONE"
 [[ -z "$branch" || -n "$repo" ]] || die "--branch: only with --repo"
+((dry_run)) || command -v gcloud > /dev/null ||
+  die "gcloud: not found; install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run"
+
+# A progress message (a '#' comment under --dry-run, so that the output is a script).
+say() {
+  if ((dry_run)); then echo "# $*"; else echo "$*"; fi
+}
+
+# Runs a command, or under --dry-run prints it, one line, quoted for bash where needed.
+run_or_print() {
+  if ((dry_run)); then
+    local word line=()
+    for word in "$@"; do
+      if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+        line+=("$word")
+      elif [[ "$word" =~ ^(--[a-z-]+=)(.*)$ ]]; then
+        line+=("${BASH_REMATCH[1]}${BASH_REMATCH[2]@Q}")  # --flag='a value'
+      else
+        line+=("${word@Q}")
+      fi
+    done
+    echo "${line[*]}"
+  else
+    "$@"
+  fi
+}
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")
@@ -101,14 +131,14 @@ where=("--zone=$zone")
 
 # Runs a bash script on every worker of the slice at once; fails if any worker fails.
 on_all_workers() {
-  "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$1"
+  run_or_print "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$1"
 }
 
 create() {
   local extra=()
   [[ -z "$capacity" ]] || extra+=("$capacity")
-  echo "Creating $accelerator_type TPU VM '$name' in $zone ($runtime_version)"
-  "${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
+  say "Creating $accelerator_type TPU VM '$name' in $zone ($runtime_version)"
+  run_or_print "${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
     --version="$runtime_version" "${extra[@]}"
 }
 
@@ -116,21 +146,26 @@ setup() {
   if [[ -n "$repo" ]]; then
     local clone
     clone="rm -rf ~/$REMOTE_DIR && git clone --depth=1 ${branch:+--branch=$(printf '%q' "$branch")} $(printf '%q' "$repo") ~/$REMOTE_DIR"
-    echo "Cloning $repo on every worker"
+    say "Cloning $repo on every worker"
     on_all_workers "set -euo pipefail; $clone"
   else
     # This checkout as it is (tracked and untracked files; .gitignore'd ones such as .venv and runs/ left out).
-    archive="$(mktemp -t diffusion_jax.XXXXXX.tar.gz)"
-    trap 'rm -f "$archive"' EXIT
-    git -C "$REPO_ROOT" ls-files --cached --others --exclude-standard -z |
-      tar -C "$REPO_ROOT" --ignore-failed-read --null -T - -czf "$archive"  # a file deleted but not git rm-ed: skipped
-    echo "Copying $REPO_ROOT ($(du -h "$archive" | cut -f1)) to every worker"
-    "${gcloud_tpu[@]}" scp "$archive" "$name:diffusion_jax.tar.gz" "${where[@]}" --worker=all
+    if ((dry_run)); then
+      archive="${TMPDIR:-/tmp}/diffusion_jax.tar.gz"
+      say "Packing $REPO_ROOT (git ls-files --cached --others --exclude-standard) into $archive"
+    else
+      archive="$(mktemp -t diffusion_jax.XXXXXX.tar.gz)"
+      trap 'rm -f "$archive"' EXIT
+      git -C "$REPO_ROOT" ls-files --cached --others --exclude-standard -z |
+        tar -C "$REPO_ROOT" --ignore-failed-read --null -T - -czf "$archive"  # a file deleted but not git rm-ed: skipped
+      say "Copying $REPO_ROOT ($(du -h "$archive" | cut -f1)) to every worker"
+    fi
+    run_or_print "${gcloud_tpu[@]}" scp "$archive" "$name:diffusion_jax.tar.gz" "${where[@]}" --worker=all
     on_all_workers "set -euo pipefail; rm -rf ~/$REMOTE_DIR && mkdir ~/$REMOTE_DIR && \
 tar -xzf ~/diffusion_jax.tar.gz -C ~/$REMOTE_DIR && rm ~/diffusion_jax.tar.gz"
   fi
   # uv brings a Python >= 3.11 (pyproject's requires-python) next to the runtime's own 3.10.
-  echo "Installing diffusion_jax[tpu] with Python $python_version on every worker"
+  say "Installing diffusion_jax[tpu] with Python $python_version on every worker"
   on_all_workers "set -euo pipefail; python3 -m pip install --user --quiet --upgrade uv && \
 ~/.local/bin/uv venv --quiet --allow-existing --python $(printf '%q' "$python_version") ~/$VENV && \
 ~/.local/bin/uv pip install --quiet --python ~/$VENV/bin/python -e ~/$REMOTE_DIR'[tpu]'"
@@ -140,21 +175,22 @@ run() {
   ((${#main_args[@]})) || die "run: give diffusion_jax.main's flags after --, e.g. -- --config=configs/ddpm_cifar.py --workdir=/mnt/bucket/runs/x"
   local args
   args="$(printf '%q ' "${main_args[@]}")"
+  args="${args% }"
   # No --coordinator_address etc.: on a TPU VM, diffusion_jax.distributed lets JAX read the
   # workers and this host's index from the TPU metadata (jax.distributed.initialize()).
   local launch="cd ~/$REMOTE_DIR && ~/$VENV/bin/python -m diffusion_jax.main $args"
   if ((detach)); then
-    echo "Starting on every worker in the background; logs: ~/diffusion_jax.log on each"
+    say "Starting on every worker in the background; logs: ~/diffusion_jax.log on each"
     on_all_workers "nohup bash -c $(printf '%q' "$launch") > ~/diffusion_jax.log 2>&1 < /dev/null &"
   else
-    echo "Running on every worker: python -m diffusion_jax.main $args"
+    say "Running on every worker: python -m diffusion_jax.main $args"
     on_all_workers "$launch"
   fi
 }
 
 teardown() {
-  echo "Deleting TPU VM '$name' in $zone"
-  "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
+  say "Deleting TPU VM '$name' in $zone"
+  run_or_print "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
 }
 
 case "$command" in

@@ -19,11 +19,21 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "scontrol", "scancel", "srun")
 # Job states after which a job neither runs nor will (squeue/scontrol's JobState).
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}
+
+
+def skip_or_fail(message: str) -> None:
+    """pytest.skip for a missing launch tool (SLURM, munge, shellcheck), or pytest.fail where the
+    environment sets DIFFUSION_JAX_REQUIRE_LAUNCH=1, as .ci/run does after installing them."""
+    if os.environ.get("DIFFUSION_JAX_REQUIRE_LAUNCH") == "1":
+        pytest.fail(f"{message} (DIFFUSION_JAX_REQUIRE_LAUNCH=1)")
+    pytest.skip(message)
 
 
 class SlurmUnavailable(RuntimeError):

@@ -7,7 +7,6 @@ Needs Debian's slurm-wlm and munge, and root (tests/slurm_box.py). Without them 
 skipped, unless DIFFUSION_JAX_REQUIRE_LAUNCH=1 (CI), which makes it fail.
 """
 
-import os
 import re
 import sys
 import time
@@ -16,19 +15,12 @@ from pathlib import Path
 
 import pytest
 from multihost_run import REPO, assert_same_training, cache_env, launch_local, load_launcher, run_flags
-from slurm_box import SlurmBox, SlurmUnavailable
+from slurm_box import SlurmBox, SlurmUnavailable, skip_or_fail
 
 pytestmark = pytest.mark.slow
 
 STEPS = 30  # the preemption (about 1.5 s after the first step here) lands well before the end
 JOB_TIMEOUT_S = 600
-
-
-def unavailable(message: str) -> None:
-    """Skips, or fails where CI requires the launch tests to run."""
-    if os.environ.get("DIFFUSION_JAX_REQUIRE_LAUNCH") == "1":
-        pytest.fail(f"{message} (DIFFUSION_JAX_REQUIRE_LAUNCH=1)")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmBox]:
     try:
         cluster.__enter__()
     except SlurmUnavailable as e:
-        unavailable(f"SLURM in a box: {e}")
+        skip_or_fail(f"SLURM in a box: {e}")
     try:
         yield cluster
     finally:
