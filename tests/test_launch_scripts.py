@@ -22,7 +22,7 @@ def tpu_pod(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "gcloud").write_text(f"#!/bin/sh\ntouch {tmp_path}/gcloud_ran\nexit 97\n")
     (bin_dir / "gcloud").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": "/tmp"}
     done = subprocess.run(["bash", str(TPU_POD), *args], env=env, capture_output=True, text=True, timeout=60)
     assert not (tmp_path / "gcloud_ran").exists(), "--dry-run ran gcloud"
     return done
@@ -82,6 +82,16 @@ def test_tpu_pod_v5e_slice_from_a_repository_in_the_background(tmp_path):
     assert nohup[:3] == ["nohup", "bash", "-c"] and nohup[4:] == [">", "~/diffusion_jax.log", "2>&1", "<",
                                                                   "/dev/null", "&"]
     assert shlex.split(nohup[3])[3:] == ["~/dj-venv/bin/python", "-m", "diffusion_jax.main", *MAIN_FLAGS]
+
+
+def test_launch_readme_shows_what_the_dry_run_prints(tmp_path):
+    readme = (REPO / "launch" / "README.md").read_text().splitlines()
+    documented = [line for line in readme if line.startswith(" ".join(GCLOUD_TPU))]
+    args = ["up", "--dry-run", "--name=dj", "--zone=us-central2-b", "--accelerator-type=v4-32",
+            "--version=tpu-ubuntu2204-base", "--spot", "--", "--config=configs/ddpm_cifar.py",
+            "--workdir=/mnt/bucket/runs/ddpm_cifar"]
+    printed = [line for line in tpu_pod(args, tmp_path).stdout.splitlines() if not line.startswith("#")]
+    assert printed == documented
 
 
 @pytest.mark.parametrize(
