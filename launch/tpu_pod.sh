@@ -98,6 +98,9 @@ done
 [[ -n "$name" ]] || die "--name: required (the TPU's name), or set \$TPU_NAME"
 [[ -n "$zone" ]] || die "--zone: required (e.g. us-central2-b), or set \$ZONE"
 [[ -z "$branch" || -n "$repo" ]] || die "--branch: only with --repo"
+for arg in "${main_args[@]}"; do
+  [[ "$arg" != --dry-run ]] || die "--dry-run: put it before --; after -- it would go to diffusion_jax.main"
+done
 ((dry_run)) || command -v gcloud > /dev/null ||
   die "gcloud: not found; install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run"
 

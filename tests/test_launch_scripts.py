@@ -104,6 +104,7 @@ def test_launch_readme_shows_what_the_dry_run_prints(tmp_path):
         (["create", "--name=n", "--zone=z", "--config=c.py"], "error: unknown flag '--config=c.py'"),
         (["setup", "--name=n", "--zone=z", "--branch=b"], "error: --branch: only with --repo"),
         (["run", "--name=n", "--zone=z", "--dry-run"], "error: run: give diffusion_jax.main's flags after --"),
+        (["up", "--name=n", "--zone=z", "--", "--config=c.py", "--dry-run"], "error: --dry-run: put it before --"),
     ],
 )
 def test_tpu_pod_bad_input_is_one_line(tmp_path, args, message):
