@@ -3,10 +3,12 @@
 Fields (each overridable from the command line, e.g. `--config.training.batch_size=8`):
 
 - `seed`: model init, data order, noise and sampling all derive from it.
-- `mesh` (see `diffusion_jax.training.mesh`): the sizes of the axes `data`, `fsdp` and `tensor` (-1: the
-  devices left over; default all devices on `data`, pure data parallelism); `param_rules`, (regex, placement)
-  pairs matched against parameter paths, placement 'replicate', 'fsdp' (split the largest divisible dimension
-  over 'fsdp') or a PartitionSpec tuple; `fsdp_min_size` (parameters with fewer elements stay replicated).
+- `mesh` (see `diffusion_jax.training.mesh`): the sizes of the axes `data`, `fsdp`, `sequence` and `tensor`
+  (-1: the devices left over; default all devices on `data`, pure data parallelism; `sequence` > 1 splits a
+  DiT's tokens and every self-attention over that many devices, ring attention, `models.ring_attention`);
+  `param_rules`, (regex, placement) pairs matched against parameter paths, placement 'replicate', 'fsdp'
+  (split the largest divisible dimension over 'fsdp') or a PartitionSpec tuple;
+  `fsdp_min_size` (parameters with fewer elements stay replicated).
 - `data`: `name` (digits | cifar10 | swiss_roll | eight_gaussians | two_moons), `image_size`,
   `data_dir` (tfds data dir; None: tfds's default), `random_flip`.
 - `data.captions` (digits only): batches also hold `tokens`/`token_mask`, a caption per image from its label
@@ -59,7 +61,10 @@ Fields (each overridable from the command line, e.g. `--config.training.batch_si
   `compilation_cache_dir` (JAX's persistent compilation cache, shared by runs; None: off), `low_res_noise_max`
   (a super-resolution run, `model.low_res_size`: CDM's noise-conditioning augmentation, each example's low-res
   image noised at a level s ~ U[0, low_res_noise_max] of the run's own forward process, s = 1 its whole length,
-  and the model told s; 0: SR3's clean conditioning).
+  and the model told s; 0: SR3's clean conditioning), `step_impl` ('jit': one jitted step, XLA inserts the
+  gradient all-reduce; 'shard_map': each device's loss and gradient under `jax.shard_map`, averaged by an
+  explicit `pmean` after `grad`, `training.shard_step`), `shard_map_rng` (the 'shard_map' step's draws:
+  'global', each device's rows of the jit step's draws, the same run; 'per_device', independent streams).
 - `latent` (`diffusion_jax.latent`): `autoencoder_workdir` (a `training.objective='autoencode'` run: the
   model is trained and sampled on s * z, z ~ q(z|x) of its frozen autoencoder; None: pixel space),
   `scale_factor` s (None: LDM's 1/std of the first batch's latents, then stored with the run),
@@ -177,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.mesh = ml_collections.ConfigDict(
-        dict(data=-1, fsdp=1, tensor=1, param_rules=((".*", "fsdp"),), fsdp_min_size=2**12)
+        dict(data=-1, fsdp=1, sequence=1, tensor=1, param_rules=((".*", "fsdp"),), fsdp_min_size=2**12)
     )
     config.data = ml_collections.ConfigDict(
         dict(name="digits", image_size=16, data_dir=placeholder(str), random_flip=False)
@@ -248,6 +253,8 @@ def base_config() -> ml_collections.ConfigDict:
             objective="denoise",
             label_dropout=0.1,
             grad_accum_steps=1,
+            step_impl="jit",
+            shard_map_rng="global",
             peak_flops=placeholder(float),
             compilation_cache_dir="~/.cache/diffusion_jax/jax_cache",
             low_res_noise_max=0.0,

@@ -51,15 +51,17 @@ def random_batches(n=3, batch_size=16):
 
 
 def test_mesh_shape_resolves_the_free_axis_and_names_bad_sizes():
-    assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
-    assert mesh_lib.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
+    assert mesh_lib.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "sequence": 1,
+                                                                             "tensor": 2}
+    assert mesh_lib.mesh_shape({"data": 2, "sequence": -1}, 8) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
     with pytest.raises(ConfigError, match=r"mesh.data and mesh.fsdp are both -1"):
         mesh_lib.mesh_shape({"data": -1, "fsdp": -1}, 8)
     with pytest.raises(ConfigError, match=r"need a multiple of 3 devices; there are 8"):
         mesh_lib.mesh_shape({"data": -1, "fsdp": 3}, 8)
     with pytest.raises(ConfigError, match=r"mesh.fsdp: got 0; expected a positive int, or -1"):
         mesh_lib.mesh_shape({"data": -1, "fsdp": 0}, 8)
-    with pytest.raises(ConfigError, match=r"data=2, fsdp=2, tensor=1 is 4 devices; there are 8"):
+    with pytest.raises(ConfigError, match=r"data=2, fsdp=2, sequence=1, tensor=1 is 4 devices; there are 8"):
         mesh_lib.mesh_shape({"data": 2, "fsdp": 2}, 8)
 
 
@@ -94,7 +96,8 @@ def test_meshes_train_like_one_device(digits_data_dir, mesh_name):
     batches = random_batches()
     one, losses_one = run_steps(sharded_config(digits_data_dir), jax.devices()[:1], batches)
     many, losses_many = run_steps(sharded_config(digits_data_dir, data, fsdp), jax.devices(), batches)
-    assert dict(many.params["conv_in"]["kernel"].sharding.mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": 1}
+    mesh_shape = dict(many.params["conv_in"]["kernel"].sharding.mesh.shape)
+    assert mesh_shape == {"data": data, "fsdp": fsdp, "sequence": 1, "tensor": 1}
     np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
     # Adam divides by sqrt(v): gradients near zero amplify the different summation order of the
     # shards to ~1e-6, so the tolerance is 1% of one step's size (lr = 1e-3).

@@ -41,6 +41,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models import ring_attention
 from diffusion_jax.models.layers import zeros_init
 
 AttentionImpl = Literal["xla", "cudnn"]
@@ -167,6 +168,7 @@ class Attention(nnx.Module):
         The output is in the compute dtype; `context_mask` masks the keys, whichever they are.
         """
         b, t, _ = x.shape
+        self_attending = context is None
         if context is None:
             if self.context_dim != self.query_dim:
                 raise ValueError(
@@ -191,7 +193,10 @@ class Attention(nnx.Module):
             mask = keep[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
             if self.attention_impl == "cudnn":  # cuDNN takes the mask as a bias with the full [T, L] extent
                 mask = jnp.broadcast_to(mask, (b, 1, t, l))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)  # [B, T, N, d]
+        if self_attending and mask is None:  # split over the mesh's 'sequence' axis when it has one
+            out = ring_attention.self_attention(q, k, v, implementation=self.attention_impl)  # [B, T, N, d]
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
         out = self.to_out[0](out.reshape(b, t, n * d))  # [B, T, query_dim]
         if context_mask is not None:
             out = jnp.where(has_key[:, None, None], out, jnp.zeros((), out.dtype))

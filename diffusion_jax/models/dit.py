@@ -42,7 +42,7 @@ from jax.typing import DTypeLike
 
 from diffusion_jax import conditioning, repa
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.models import attention
+from diffusion_jax.models import attention, ring_attention
 from diffusion_jax.models.layers import ConditionEmbedder, zeros_init
 from diffusion_jax.models.text import build_text_encoder, split_condition
 
@@ -159,8 +159,9 @@ def _layer_norm(hidden_size: int, *, rngs: nnx.Rngs, dtype: DTypeLike) -> nnx.La
 class Attention(nnx.Module):
     """Multi-head self-attention over the tokens (timm's `Attention` with qkv_bias=True).
 
-    One qkv projection split into heads, `jax.nn.dot_product_attention` (softmax(QK^T/sqrt(d))V),
-    an output projection.
+    One qkv projection split into heads, softmax(QK^T/sqrt(d))V (`ring_attention.self_attention`:
+    `jax.nn.dot_product_attention`, or ring attention when `mesh.sequence` splits the tokens), an output
+    projection.
     """
 
     def __init__(
@@ -176,7 +177,7 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)  # [B, T, 3, N, D/N]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, D/N]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)  # [B, T, N, D/N]
+        out = ring_attention.self_attention(q, k, v, implementation=self.impl)  # [B, T, N, D/N]
         return self.proj(out.reshape(b, t, d))
 
 
@@ -494,14 +495,14 @@ class DiT(nnx.Module):
         grid = self.image_size // self.patch_size
         pos = jnp.asarray(get_2d_sincos_pos_embed(self.hidden_size, grid))  # [T, D] constant, T = grid^2
         h = self.x_embedder(x).reshape(b, grid * grid, self.hidden_size)  # [B, T, D], row-major patches
-        h = h.astype(jnp.float32) + pos  # [B, T, D] float32 residual stream
+        h = ring_attention.shard_tokens(h.astype(jnp.float32) + pos)  # [B, T, D] float32 residual stream
         entries, context = split_condition(cond, self.text_encoder)
         context, context_mask = context or (None, None)  # [B, L, D_ctx], [B, L] bool
         attention.check_context(context, context_mask, batch=b, context_dim=self.context_dim)
         c = self.cond(t, entries)  # [B, D]
         apply = nnx.remat(_apply_block) if self.remat else _apply_block
         for depth, block in enumerate(self.blocks, start=1):
-            h = apply(block, h, c, context, context_mask)  # [B, T, D]
+            h = ring_attention.shard_tokens(apply(block, h, c, context, context_mask))  # [B, T, D]
             if train and depth == self.repa_layer:  # REPA's projection of block k's tokens, on their grid
                 self.sow(nnx.Intermediate, "repa", self.repa_projector(h).reshape(b, grid, grid, -1))
         out = self.final_layer(h, c)  # [B, T, p*p*C']

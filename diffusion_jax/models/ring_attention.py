@@ -15,16 +15,24 @@ ppermute is the ppermute the other way), so the backward pass is a ring too.
 `ring_attention` is the per-device function (call it inside `jax.shard_map`); `sequence_parallel_attention`
 shards [B, T, N, d] arrays over a mesh axis and pads T up to a multiple of the axis size (the padded keys
 masked out, the padded queries dropped), so any sequence length works.
+
+The models call `self_attention` (DiT's blocks, the self-attention of LDM's transformer blocks) and
+`shard_tokens` (DiT's token stream): under a context mesh whose 'sequence' axis is larger than one
+(`config.mesh.sequence`; the train and sample steps are traced under their mesh, `training.mesh.with_mesh`)
+they are the ring and a [batch, sequence] sharding of the tokens, so the per-token layers (LayerNorm,
+MLP, adaLN) run on each device's tokens only; anywhere else they are `jax.nn.dot_product_attention` and
+the identity.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.training.mesh import BATCH_AXES, SEQUENCE_AXIS
 
 
 def ring_attention(
@@ -71,7 +79,7 @@ def ring_attention(
 
 
 def sequence_parallel_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, *, axis: str = "sequence",
+    q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | jax.sharding.AbstractMesh, *, axis: str = SEQUENCE_AXIS,
     batch_axes: tuple[str, ...] = (), key_mask: jax.Array | None = None, scale: float | None = None,
 ) -> jax.Array:
     """Self-attention of q, k, v [B, T, N, d] with the tokens split over `mesh` axis `axis` (and the batch over
@@ -94,3 +102,36 @@ def sequence_parallel_attention(
     attend = jax.shard_map(lambda q, k, v, m: ring_attention(q, k, v, m, axis_name=axis, scale=scale), mesh=mesh,
                            in_specs=(tokens, tokens, tokens, mask_spec), out_specs=tokens)
     return attend(q, k, v, key_mask)[:, :t]
+
+
+def _sequence_mesh() -> jax.sharding.AbstractMesh | None:
+    """The context mesh if it splits tokens (its 'sequence' axis larger than one), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get(SEQUENCE_AXIS, 1) == 1:
+        return None
+    return mesh
+
+
+def _batch_axes(mesh: jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The batch axes XLA still splits (inside the shard_map train step they are manual: already split)."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return tuple(axis for axis in BATCH_AXES if types.get(axis) == AxisType.Auto)
+
+
+def self_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None,
+) -> jax.Array:
+    """softmax(q kᵀ / sqrt(d)) v of a transformer's tokens [B, T, N, d]: `jax.nn.dot_product_attention`
+    (`implementation` 'xla' / 'cudnn' / None), or ring attention over the context mesh's 'sequence' axis."""
+    mesh = _sequence_mesh()
+    if mesh is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return sequence_parallel_attention(q, k, v, mesh, axis=SEQUENCE_AXIS, batch_axes=_batch_axes(mesh))
+
+
+def shard_tokens(tokens: jax.Array) -> jax.Array:
+    """tokens [B, T, D] constrained to the context mesh's [batch, sequence] split (identity without one)."""
+    mesh = _sequence_mesh()
+    if mesh is None:
+        return tokens
+    return jax.lax.with_sharding_constraint(tokens, P(_batch_axes(mesh) or None, SEQUENCE_AXIS, None))

@@ -16,6 +16,7 @@ from jax.typing import DTypeLike
 
 from diffusion_jax import conditioning, repa
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.models import ring_attention
 from diffusion_jax.models.attention import SpatialTransformer
 from diffusion_jax.models.layers import (
     ConditionEmbedder,
@@ -123,8 +124,8 @@ class ResBlock(nnx.Module):
 class AttentionBlock(nnx.Module):
     """Self-attention over the H*W positions, residual (Ho `attn_block`; ADM `AttentionBlock`).
 
-    GN -> qkv projection -> `jax.nn.dot_product_attention` -> zero-initialised
-    output projection, added to the input.
+    GN -> qkv projection -> `jax.nn.dot_product_attention` (ring attention when `mesh.sequence` splits
+    the positions, `ring_attention.self_attention`) -> zero-initialised output projection, added to the input.
     """
 
     def __init__(self, channels: int, *, num_heads: int, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32):
@@ -138,7 +139,7 @@ class AttentionBlock(nnx.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, C/N]
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, C/N]
+        out = ring_attention.self_attention(q, k, v)  # [B, T, N, C/N]
         return x + self.proj_out(out.reshape(b, h, w, c))
 
 

@@ -135,10 +135,12 @@ def with_scale_factor(exp: Experiment, scale_factor: float) -> Experiment:
 
 
 def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callable:
-    """The train step of `config`, jitted for `exp`'s mesh: the state keeps its shardings (donated, so
-    updated in place), the batch arrives split over ('data', 'fsdp'), the metrics come back replicated."""
+    """The train step of `config`, jitted for `exp`'s mesh (traced under it: `mesh_lib.with_mesh`): the state
+    keeps its shardings (donated, so updated in place), the batch arrives split over ('data', 'fsdp'), the
+    metrics come back replicated."""
     return jax.jit(
-        make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config),
+        mesh_lib.with_mesh(make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config, exp.mesh),
+                           exp.mesh),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, exp.replicated),
         donate_argnums=0,

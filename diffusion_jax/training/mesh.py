@@ -1,11 +1,14 @@
 """The device mesh, and the shardings of the train state and the batches, from `config.mesh`.
 
-The mesh always has the axes ('data', 'fsdp', 'tensor'), sized by `config.mesh.{data,fsdp,tensor}`
-(-1: the devices left over; an axis of size 1 costs nothing). Batches are split over
-('data', 'fsdp') and replicated over 'tensor'. Parameters are placed by rules, as big_vision
-does: `config.mesh.param_rules` is a sequence of (regex, placement) pairs; the first regex that
-`re.fullmatch`es a parameter's path ('down/0/res/0/conv1/kernel') decides, and a parameter no
-rule matches is replicated. A placement is
+The mesh always has the axes ('data', 'fsdp', 'sequence', 'tensor'), sized by
+`config.mesh.{data,fsdp,sequence,tensor}` (-1: the devices left over; an axis of size 1 costs
+nothing). Batches are split over ('data', 'fsdp') and replicated over 'sequence' and 'tensor'; a DiT's
+tokens (and the self-attention of a transformer block) are split over 'sequence' when it is larger than
+1 (`models.ring_attention`: ring attention, under the mesh that `with_mesh` makes the context).
+
+Parameters are placed by rules, as big_vision does: `config.mesh.param_rules` is a sequence of
+(regex, placement) pairs; the first regex that `re.fullmatch`es a parameter's path
+('down/0/res/0/conv1/kernel') decides, and a parameter no rule matches is replicated. A placement is
 
 - 'replicate': a full copy on every device;
 - 'fsdp': ZeRO-3 / fully sharded data parallelism: the largest dimension divisible by the
@@ -19,9 +22,10 @@ The EMA copies and the optimiser's moment trees are placed like the parameters t
 inserts the all-gathers and reduce-scatters (the train step stays one function for every mesh).
 """
 
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,8 +34,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over these; 'tensor' holds copies
+AXES = ("data", "fsdp", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these; 'sequence' and 'tensor' hold copies
+SEQUENCE_AXIS = "sequence"  # a transformer's tokens are split over this one
 PLACEMENTS = ("replicate", "fsdp")
 
 
@@ -49,7 +54,7 @@ def path_name(path: tuple) -> str:
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> dict[str, int]:
-    """{'data': d, 'fsdp': f, 'tensor': t} with d·f·t = `num_devices`, the one -1 resolved.
+    """{'data': d, 'fsdp': f, 'sequence': s, 'tensor': t} with d·f·s·t = `num_devices`, the one -1 resolved.
 
     Raises a ConfigError naming `mesh.<axis>` for a size that is not a positive int or -1, for
     more than one -1, and for sizes whose product is not the device count.
@@ -81,7 +86,7 @@ def _shape_str(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ('data', 'fsdp', 'tensor') mesh of `mesh_config` over `devices` (default: every device
+    """The ('data', 'fsdp', 'sequence', 'tensor') mesh of `mesh_config` over `devices` (default: every device
     of every process; None config: all of them on 'data').
 
     `jax.make_mesh` orders the devices for the physical topology (ICI rings on TPU). Axis types
@@ -92,6 +97,18 @@ def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = No
     sizes = mesh_shape(mesh_config or {}, len(devices))
     shape = tuple(sizes[axis] for axis in AXES)
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def with_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the context mesh (`jax.set_mesh`), which is how a model finds the mesh its
+    sequence-parallel attention splits tokens over (`models.ring_attention.self_attention`)."""
+
+    @functools.wraps(fn)
+    def traced_under_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_under_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

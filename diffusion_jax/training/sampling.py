@@ -132,10 +132,12 @@ def make_sample_fn(
     example_shape: tuple[int, ...],
     sharding: NamedSharding,
 ) -> SampleFn:
-    """A jitted `sample(params, key) -> x_0 [sample.batch_size, *example_shape]`.
+    """A jitted `sample(params, key) -> x_0 [sample.batch_size, *example_shape]` (and `.lower(params, key)`).
 
     The whole chain is one compiled program (the sampler's `lax.scan`), compiled
-    once and reused; the batch is split over the mesh's 'data' axis. Class-
+    once and reused; the batch is split over the mesh's batch axes, each device's examples computed
+    without a collective (the noise is drawn for the whole batch with threefry's partitionable bits, so the
+    samples are the same on any number of devices). Class-
     conditional models get labels 0, 1, 2, ... cycling over the classes, and with
     `sample.guidance_scale` = s classifier-free guidance (s = 1 + w of Ho & Salimans:
     s = 1 is the conditional model; see `guidance.classifier_free`).
@@ -240,7 +242,8 @@ def make_sample_fn(
         return x0, info.nfe
 
     out_shardings = (sharding, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-    compiled = process_memo(lambda process: jax.jit(functools.partial(sample, process), out_shardings=out_shardings))
+    compiled = process_memo(lambda process: jax.jit(mesh_lib.with_mesh(functools.partial(sample, process),
+                                                                        sharding.mesh), out_shardings=out_shardings))
     classifier_params = None if classifier is None else classifier.params
     guide_params = None if guide is None else guide.params
     bound: dict = {}  # a VDM's process, bound once per parameters (`generate` calls with the same ones per batch)
@@ -254,6 +257,13 @@ def make_sample_fn(
         inputs = default_inputs if inputs is None else inputs
         return compiled(bound["process"])(params, classifier_params, guide_params, key, inputs)
 
+    def lower(params: nnx.State, key: jax.Array, inputs: dict[str, np.ndarray] | None = None) -> jax.stages.Lowered:
+        """The jitted chain of `sample_fn(params, key, inputs)`, lowered (`.compile().as_text()`: its HLO)."""
+        process = edits.process(bind_process(schedule, graphdef, params))
+        inputs = default_inputs if inputs is None else inputs
+        return compiled(process).lower(params, classifier_params, guide_params, key, inputs)
+
+    sample_fn.lower = lower
     return sample_fn
 
 

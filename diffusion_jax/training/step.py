@@ -8,8 +8,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from diffusion_jax import conditioning, controlnet, objectives, super_resolution
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.training import shard_step
+from diffusion_jax.training.mesh import SEQUENCE_AXIS
 from diffusion_jax.training.state import TrainState, ema_betas, update_emas
 
 Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
@@ -21,6 +25,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
@@ -37,6 +42,10 @@ def make_train_step(
     the batch is split into k microbatches whose gradients are averaged in a `lax.scan` (activation
     memory of one microbatch; one optimiser update). With `diffusion.timestep_sampling='importance'`
     the state's `timestep_history` takes the step's per-example L_t (aux 't', 'vlb').
+
+    `training.step_impl='shard_map'` computes the loss and gradients per device over `mesh` and all-reduces
+    them by hand (`shard_step.all_reduced`; the same numbers, a place for per-device logic); the rest of the
+    step is this one.
     """
     class_conditional = config.model.get("num_classes") is not None and objective.conditions_model
     conditional = (class_conditional or _uses_text(config)) and objective.conditions_model
@@ -54,6 +63,24 @@ def make_train_step(
         inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key, noise)
         return jax.value_and_grad(objective.loss, has_aux=True)(params, state, inputs)
 
+    def compute_grads(
+        params: nnx.State, state: TrainState, images: jax.Array, labels: jax.Array, cond: conditioning.Cond,
+        noise: jax.Array | None, key: jax.Array,
+    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+        """((loss, aux), grads) of the batch: one pass, or the mean over `training.grad_accum_steps` microbatches."""
+        grads_fn = functools.partial(loss_and_grads, params, state)
+        if accum_steps == 1:
+            return grads_fn(images, labels, cond, noise, key)
+        return _accumulate(grads_fn, params, (images, labels, cond, noise), key, accum_steps)
+
+    if config.training.get("step_impl", "jit") == "shard_map":
+        if mesh is None:
+            raise ConfigError("training.step_impl: 'shard_map' needs the mesh; pass make_train_step(..., mesh)")
+        if mesh.shape.get(SEQUENCE_AXIS, 1) > 1:  # XLA refuses ring attention's shard_map nested in this one
+            raise ConfigError(f"training.step_impl: 'shard_map' cannot nest the ring attention of "
+                              f"mesh.sequence={mesh.shape[SEQUENCE_AXIS]}; use 'jit' (the default) with it")
+        compute_grads = shard_step.all_reduced(compute_grads, mesh, config.training.get("shard_map_rng", "global"))
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         if objective.advance is not None:  # e.g. a new distillation round: the teacher, EMAs, optimiser
             state = objective.advance(state, tx)
@@ -64,13 +91,8 @@ def make_train_step(
         if cond_dropout > 0:  # classifier-free guidance's unconditional model: the null condition
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
         cond = controlnet.training_condition(config, cond, images, jax.random.fold_in(step_key, 3))  # never dropped
-        grads_fn = functools.partial(loss_and_grads, state.params, state)
         noise = batch.get("noise")  # reflow's paired noise (`flow.pairs_dir`), else None: drawn by the loss
-        if accum_steps == 1:
-            (loss, aux), grads = grads_fn(images, labels, cond, noise, step_key)
-        else:
-            (loss, aux), grads = _accumulate(grads_fn, state.params, (images, labels, cond, noise), step_key,
-                                             accum_steps)
+        (loss, aux), grads = compute_grads(state.params, state, images, labels, cond, noise, step_key)
         grad_norm = optax.global_norm(grads)
 
         def update(state: TrainState) -> TrainState:
