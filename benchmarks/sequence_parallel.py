@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -74,7 +75,7 @@ def attention_table(lengths: list[int], heads: int, head_dim: int, reps: int) ->
                 row[impl] = (timed(compiled, x, reps=reps), per_device_mib(compiled))
             line = (f"| {t} | {name} | {row['one'][0]:.1f} | {row['ring'][0]:.1f} | {row['one'][1]:.1f} | "
                     f"{row['ring'][1]:.1f} |")
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)  # progress; the table follows on stdout
             lines.append(line)
     return lines
 
@@ -115,7 +116,7 @@ def collectives_table(data_dir: str | None) -> list[str]:
             for match in COLLECTIVE.finditer(lowered.compile().as_text()):
                 counts[match.group(1)] += 1
             line = f"| {name} | {program} | " + " | ".join(str(counts[k]) for k in kinds) + " |"
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)  # progress; the table follows on stdout
             lines.append(line)
     return lines
 
