@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import load_config, tiny_digits_config
 
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.training import experiment, shard_step
@@ -28,13 +28,22 @@ def run(config, devices, num_steps):
     return np.array(curve), initial, state.params
 
 
-@pytest.mark.parametrize("num_devices, num_steps", [(1, 1), (2, 1), (8, 20)])
-def test_shard_map_step_trains_the_jit_steps_run(digits_data_dir, num_devices, num_steps):
+def swissroll_config():
+    """The Swiss roll's MLP, small, with dropout: the cheapest step to compile twice."""
+    config = load_config("ddpm_swissroll")
+    config.model.update(hidden=32, depth=2, dropout=0.1)
+    config.training.update(batch_size=16, ema_decays=(0.9,))
+    config.sample.update(ema_decay=0.9, batch_size=8, num_samples=8)
+    return config
+
+
+@pytest.mark.parametrize("data, num_devices, num_steps", [("swissroll", 1, 1), ("swissroll", 2, 1), ("digits", 8, 20)])
+def test_shard_map_step_trains_the_jit_steps_run(digits_data_dir, data, num_devices, num_steps):
     """The same gradients, losses and parameters, dropout on: the gradient is averaged once (pmean after grad;
     the trap's 8x gradient fails here), and each device's draws are its rows of the jit step's. On 8 devices,
     the 20-step training curve of the digits config. Adam with eps = 1 updates by about lr·m, so the parameters
     compare the gradients (eps = 1e-8 would make every near-zero gradient's update ±lr, noise amplified)."""
-    config = tiny_digits_config(digits_data_dir)
+    config = tiny_digits_config(digits_data_dir) if data == "digits" else swissroll_config()
     config.optim.update(learning_rate=0.05, warmup_steps=0, eps=1.0)
     devices = jax.devices()[:num_devices]
     jit_curve, initial, jit_params = run(config, devices, num_steps)

@@ -100,8 +100,11 @@ def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = No
 
 
 def with_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn` traced with `mesh` as the context mesh (`jax.set_mesh`), which is how a model finds the mesh its
-    sequence-parallel attention splits tokens over (`models.ring_attention.self_attention`)."""
+    """`fn` traced with `mesh` as the context mesh (`jax.sharding.use_abstract_mesh`), which is how a model finds
+    the mesh its sequence-parallel attention splits tokens over (`models.ring_attention.self_attention`); `fn`
+    itself when the mesh does not split tokens (`sequence` = 1), so every other run traces as before."""
+    if mesh.shape.get(SEQUENCE_AXIS, 1) == 1:
+        return fn
 
     @functools.wraps(fn)
     def traced_under_mesh(*args: Any, **kwargs: Any) -> Any:
