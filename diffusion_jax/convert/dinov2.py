@@ -114,6 +114,8 @@ def model_config(source: TensorSource, field: str = FIELD) -> dict:
                     antialias=registers > 0, in_channels=patch[1])
     if config.get("hidden_act", "gelu") != "gelu":
         raise ConfigError(f"{field}: config.json's hidden_act is {config['hidden_act']!r}; DINOv2's MLP is 'gelu'")
+    if not config.get("qkv_bias", True):
+        raise ConfigError(f"{field}: config.json's qkv_bias is false; every DINOv2 has qkv biases")
     d, swiglu = config["hidden_size"], bool(config.get("use_swiglu_ffn", False))
     mlp = int(d * config.get("mlp_ratio", 4))
     return dict(hidden_size=d, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
@@ -122,7 +124,7 @@ def model_config(source: TensorSource, field: str = FIELD) -> dict:
                 image_size=_side(config.get("image_size", 518), "image_size", field),
                 num_register_tokens=config.get("num_register_tokens", 0), swiglu=swiglu,
                 antialias=config.get("model_type") == "dinov2_with_registers",
-                qkv_bias=config.get("qkv_bias", True), layer_norm_eps=config.get("layer_norm_eps", 1e-6),
+                layer_norm_eps=config.get("layer_norm_eps", 1e-6),
                 in_channels=config.get("num_channels", 3))
 
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models import dit
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation DINOv2 was trained with (its `make_normalize_transform`)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -98,27 +100,13 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention, one fused qkv projection (3, heads, head_dim on its output axis) and `proj`."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, *, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
-        return self.proj(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))  # softmax(QK^T/sqrt(d_h))V
-
-
 class Block(nnx.Module):
     """x = x + γ1 ⊙ Attn(LN(x)); x = x + γ2 ⊙ MLP(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, swiglu: bool, qkv_bias: bool, eps: float, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, swiglu: bool, eps: float, *, rngs: nnx.Rngs):
         self.norm1 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
-        self.attn = Attention(dim, num_heads, qkv_bias, rngs=rngs)
+        # timm's fused-qkv attention, the DiT's (`models.dit.Attention`: qkv and proj with biases)
+        self.attn = dit.Attention(dim, num_heads, impl=None, rngs=rngs, dtype=jnp.float32)
         self.ls1 = LayerScale(dim)
         self.norm2 = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
         self.mlp = SwiGLU(dim, mlp_hidden, rngs=rngs) if swiglu else Mlp(dim, mlp_hidden, rngs=rngs)
@@ -143,7 +131,6 @@ class DINOv2(nnx.Module):
       num_register_tokens: register tokens (0: none, `Dinov2Model`; `Dinov2WithRegistersModel`: 4).
       swiglu: a SwiGLU feed-forward (ViT-g) instead of the GELU MLP.
       antialias: resample the position embeddings as `Dinov2WithRegistersModel` does (see the module docstring).
-      qkv_bias: biases on the qkv projection.
       layer_norm_eps: every LayerNorm's epsilon (1e-6).
       in_channels: the images' channels (3).
     """
@@ -160,7 +147,6 @@ class DINOv2(nnx.Module):
         num_register_tokens: int = 0,
         swiglu: bool = False,
         antialias: bool = False,
-        qkv_bias: bool = True,
         layer_norm_eps: float = 1e-6,
         in_channels: int = 3,
         rngs: nnx.Rngs,
@@ -174,7 +160,7 @@ class DINOv2(nnx.Module):
         self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + self.grid**2, hidden_size)))
         self.register_tokens = (nnx.Param(jnp.zeros((1, num_register_tokens, hidden_size)))
                                 if num_register_tokens else None)
-        self.blocks = nnx.List([Block(hidden_size, num_heads, mlp_hidden, swiglu, qkv_bias, layer_norm_eps, rngs=rngs)
+        self.blocks = nnx.List([Block(hidden_size, num_heads, mlp_hidden, swiglu, layer_norm_eps, rngs=rngs)
                                 for _ in range(depth)])
         self.norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, rngs=rngs)
 
