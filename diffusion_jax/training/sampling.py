@@ -248,20 +248,24 @@ def make_sample_fn(
     guide_params = None if guide is None else guide.params
     bound: dict = {}  # a VDM's process, bound once per parameters (`generate` calls with the same ones per batch)
 
-    def sample_fn(
-        params: nnx.State, key: jax.Array, inputs: dict[str, np.ndarray] | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+    def chain(params: nnx.State, inputs: dict[str, np.ndarray] | None) -> tuple[Callable, tuple]:
+        """The jitted chain for `params` and its arguments."""
         if bound.get("params") is not params:
             # SDEdit's process is cut at sample.t0 here, outside the trace, once per parameters.
             bound.update(params=params, process=edits.process(bind_process(schedule, graphdef, params)))
         inputs = default_inputs if inputs is None else inputs
-        return compiled(bound["process"])(params, classifier_params, guide_params, key, inputs)
+        return compiled(bound["process"]), (params, classifier_params, guide_params, inputs)
+
+    def sample_fn(
+        params: nnx.State, key: jax.Array, inputs: dict[str, np.ndarray] | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        fn, (params, classifier, guide, inputs) = chain(params, inputs)
+        return fn(params, classifier, guide, key, inputs)
 
     def lower(params: nnx.State, key: jax.Array, inputs: dict[str, np.ndarray] | None = None) -> jax.stages.Lowered:
         """The jitted chain of `sample_fn(params, key, inputs)`, lowered (`.compile().as_text()`: its HLO)."""
-        process = edits.process(bind_process(schedule, graphdef, params))
-        inputs = default_inputs if inputs is None else inputs
-        return compiled(process).lower(params, classifier_params, guide_params, key, inputs)
+        fn, (params, classifier, guide, inputs) = chain(params, inputs)
+        return fn.lower(params, classifier, guide, key, inputs)
 
     sample_fn.lower = lower
     return sample_fn
