@@ -80,6 +80,8 @@ class LossInputs(NamedTuple):
     noise: jax.Array | None = None  # [B, ...] noise paired with `images` (reflow's coupling), else None
     # Where `network` records each module it calls (REPA reads what the call sowed); None: nowhere.
     taps: list | None = None
+    # The objective's frozen arrays (`Objective.frozen`), as the step received them; None: it has none.
+    frozen: dict[str, Any] | None = None
 
 
 LossFn = Callable[[nnx.State, Any, LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
@@ -104,6 +106,10 @@ class Objective(NamedTuple):
     # The parameters training starts from (a copy; a teacher's, or reflow's previous flow); None: the model's
     # initialiser.
     initial_params: nnx.State | None = None
+    # Frozen arrays the loss reads as `inputs.frozen` and nothing saves (REPA's encoder, loaded from its own
+    # file each run), by name. The jitted step takes them as an argument (`experiment.jit_train_step`): closed
+    # over, XLA would embed them in the program as constants (344 MB of HLO for DINOv2-B).
+    frozen: dict[str, Any] | None = None
 
 
 Builder = Callable[[ml_collections.ConfigDict, nnx.GraphDef, RunProcess, tuple[int, ...]], Objective]
@@ -129,20 +135,21 @@ def with_alignment(objective: Objective, config: ml_collections.ConfigDict, name
                           f"training.objective {', '.join(map(repr, repa.OBJECTIVES))}, not {name!r}")
     if config.latent.get("autoencoder_workdir") is not None:
         raise ConfigError("repa.weight: REPA's encoder reads the pixel images; this run trains on latents")
-    encode, _ = repa.encoder(config.repa.encoder, config.repa.get("encoder_path"),
-                             config.repa.get("encoder_resolution", repa.RESOLUTION))
+    encoder = repa.encoder(config.repa.encoder, config.repa.get("encoder_path"),
+                           config.repa.get("encoder_resolution", repa.RESOLUTION))
     weight = repa.weight(config)
 
     def loss(params: nnx.State, state: Any, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         taps: list[nnx.Module] = []
         value, aux = objective.loss(params, state, inputs._replace(taps=taps))
-        target = encode(inputs.images)  # [B, h, w, D]
+        target = encoder.apply(inputs.frozen["repa_encoder"], inputs.images)  # [B, h, w, D]
         projected = repa.pool_to_grid(repa.sown_features(taps), target.shape[1:3])
         alignment = repa.alignment_loss(projected, target)
         return value + weight * alignment, aux | {"repa": alignment}
 
     shown = objective.shown[:1] + ("repa",) + objective.shown[1:]
-    return objective._replace(loss=loss, metrics=objective.metrics + ("repa",), shown=shown)
+    return objective._replace(loss=loss, metrics=objective.metrics + ("repa",), shown=shown,
+                              frozen=(objective.frozen or {}) | {"repa_encoder": encoder.params})
 
 
 def network(graphdef: nnx.GraphDef, params: nnx.State, inputs: LossInputs) -> diffusion.ModelFn:

@@ -21,6 +21,7 @@ D = 768 for DINOv2-B/14).
 """
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,20 @@ from diffusion_jax.errors import ConfigError
 ENCODERS = ("digits", "dinov2")
 RESOLUTION = 224  # DINOv2's input size in REPA (256 px images resized for DINOv2-B/14: 16 x 16 tokens)
 OBJECTIVES = ("denoise", "edm", "flow_matching")  # one network call on x_t per loss, which the tap records
-Encoder = Callable[[jax.Array], jax.Array]  # x_0 [B, H, W, C] in [-1, 1] -> features [B, h, w, D]
+
+
+class Encoder(NamedTuple):
+    """A frozen feature encoder: `apply(params, x0)`, x_0 [B, H, W, C] in [-1, 1] -> features [B, h, w, D] with
+    D = `width`, and its `params`. The train step receives the params as an argument (`Objective.frozen`), so
+    XLA does not embed the weights in the program as constants (344 MB of them for DINOv2-B)."""
+
+    apply: Callable[[Any, jax.Array], jax.Array]
+    params: Any
+    width: int
+
+    def __call__(self, x0: jax.Array) -> jax.Array:
+        """`apply` with the encoder's own params (outside the train step)."""
+        return self.apply(self.params, x0)
 
 
 class Projector(nnx.Module):
@@ -98,23 +112,22 @@ def alignment_loss(projected: jax.Array, target: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(unit(projected) * unit(target), axis=-1))
 
 
-def digits_encoder() -> tuple[Encoder, int]:
+def digits_encoder() -> Encoder:
     """The frozen digits classifier's spatial features (its third conv layer after ReLU, [B, 4, 4, 32]) of
-    x_0 [B, S, S, 1], S >= 8, brought to the classifier's 8 x 8 by `metrics.digits`' least-squares downsampling;
-    and their width."""
+    x_0 [B, S, S, 1], S >= 8, brought to the classifier's 8 x 8 by `metrics.digits`' least-squares downsampling."""
     from diffusion_jax.metrics import digits  # the metrics' weights load on first use, not at import
 
-    classifier = digits.default_evaluator().classifier()
+    graphdef, params = nnx.split(digits.default_evaluator().classifier())
 
-    def encode(x0: jax.Array) -> jax.Array:
+    def apply(params: nnx.State, x0: jax.Array) -> jax.Array:
         size = x0.shape[1]
         if x0.ndim != 4 or x0.shape[-1] != 1 or size < digits.NATIVE_SIZE:
             raise ConfigError(f"repa.encoder: 'digits' reads greyscale digits [B, S, S, 1], S >= 8; the data are "
                               f"{list(x0.shape[1:])}")
         native = digits.downsample_to_native(x0.astype(jnp.float32))  # [B, 8, 8, 1]
-        return jax.lax.stop_gradient(classifier.spatial_features(native))
+        return jax.lax.stop_gradient(nnx.merge(graphdef, params).spatial_features(native))
 
-    return encode, digits.SPATIAL_FEATURE_DIM
+    return Encoder(apply, params, digits.SPATIAL_FEATURE_DIM)
 
 
 def _dinov2_path(path: str | None) -> str:
@@ -124,10 +137,10 @@ def _dinov2_path(path: str | None) -> str:
     return path
 
 
-def dinov2_encoder(path: str | None, resolution: int = RESOLUTION) -> tuple[Encoder, int]:
+def dinov2_encoder(path: str | None, resolution: int = RESOLUTION) -> Encoder:
     """DINOv2's normalised patch tokens [B, r/p, r/p, D] of x_0 [B, H, W, C] (C = 1 or 3), preprocessed as REPA:
     [-1, 1] -> [0, 1], greyscale repeated to RGB, resized to r = `resolution` (antialiased bicubic), normalised by
-    ImageNet's mean and std; and D. The weights come from `path` (`convert.dinov2.load`)."""
+    ImageNet's mean and std. The weights come from `path` (`convert.dinov2.load`)."""
     from diffusion_jax.convert import dinov2
     from diffusion_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
@@ -136,20 +149,21 @@ def dinov2_encoder(path: str | None, resolution: int = RESOLUTION) -> tuple[Enco
         raise ConfigError(f"repa.encoder_resolution: {resolution} is not a multiple of the encoder's patch size "
                           f"{model.patch_size} (REPA's {RESOLUTION})")
     mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+    graphdef, params = nnx.split(model)
 
-    def encode(x0: jax.Array) -> jax.Array:
+    def apply(params: nnx.State, x0: jax.Array) -> jax.Array:
         if x0.ndim != 4 or x0.shape[-1] not in (1, 3):
             raise ConfigError(f"repa.encoder: 'dinov2' reads greyscale or RGB images [B, H, W, 1 or 3]; the data are "
                               f"{list(x0.shape[1:])}")
         x = jnp.broadcast_to((x0.astype(jnp.float32) + 1) / 2, (*x0.shape[:3], 3))  # [B, H, W, 3] in [0, 1]
         x = jax.image.resize(x, (x.shape[0], resolution, resolution, 3), "bicubic", antialias=True)
-        return jax.lax.stop_gradient(model((x - mean) / std))  # [B, r/p, r/p, D]
+        return jax.lax.stop_gradient(nnx.merge(graphdef, params)((x - mean) / std))  # [B, r/p, r/p, D]
 
-    return encode, model.norm.scale.shape[0]
+    return Encoder(apply, params, model.norm.scale.shape[0])
 
 
-def encoder(name: str, path: str | None = None, resolution: int = RESOLUTION) -> tuple[Encoder, int]:
-    """(encode, feature width) of `repa.encoder`; 'dinov2' from the checkpoint at `path` (`repa.encoder_path`) at
+def encoder(name: str, path: str | None = None, resolution: int = RESOLUTION) -> Encoder:
+    """The frozen encoder of `repa.encoder`; 'dinov2' from the checkpoint at `path` (`repa.encoder_path`) at
     `resolution` (`repa.encoder_resolution`)."""
     check_encoder(name)
     return dinov2_encoder(path, resolution) if name == "dinov2" else digits_encoder()

@@ -1,6 +1,7 @@
 """REPA (Yu et al. 2024): the alignment loss, the backbones' taps, and a run trained with it."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import diffusion_jax as dj
 from diffusion_jax import models, repa
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.metrics import digits
+from diffusion_jax.training import experiment
 from diffusion_jax.training.loop import train
 
 
@@ -54,10 +56,10 @@ def test_a_tapped_backbone_sows_its_projection_only_while_training(name, kwargs,
 
 
 def test_digits_encoder_features_are_the_classifiers_last_conv_map():
-    encode, width = repa.encoder("digits")
+    encoder = repa.encoder("digits")
     x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 1)), jnp.float32)
-    features = encode(x0)
-    assert features.shape == (3, 4, 4, width) and width == repa.encoder_width("digits")
+    features = encoder(x0)
+    assert features.shape == (3, 4, 4, encoder.width) and encoder.width == repa.encoder_width("digits")
     evaluator = digits.default_evaluator()
     native = jnp.asarray(digits.to_native(np.asarray(x0)))
     np.testing.assert_allclose(features, evaluator.classifier().spatial_features(native), atol=1e-5)
@@ -91,14 +93,33 @@ def test_a_repa_run_aligns_its_tap_and_loads(digits_data_dir, tmp_path):
 
 def test_dinov2_encoder_reads_digits_as_repa_preprocesses_them(tmp_path):
     reference = save_tiny_dinov2(tmp_path)  # D = 32, patch 14
-    encode, width = repa.encoder("dinov2", str(tmp_path), resolution=28)
+    encoder = repa.encoder("dinov2", str(tmp_path), resolution=28)
     x0 = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
-    features = jax.jit(encode)(jnp.asarray(x0))
-    assert features.shape == (3, 2, 2, 32) and width == 32 == repa.encoder_width("dinov2", str(tmp_path))
+    features = jax.jit(encoder.apply)(encoder.params, jnp.asarray(x0))
+    assert features.shape == (3, 2, 2, 32) and encoder.width == 32 == repa.encoder_width("dinov2", str(tmp_path))
     rgb = jax.image.resize(np.repeat((x0 + 1) / 2, 3, axis=-1), (3, 28, 28, 3), "bicubic", antialias=True)
     pixels = (np.asarray(rgb) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]  # ImageNet's normalisation
     expected = hf_patch_tokens(reference, pixels.astype(np.float32)).reshape(3, 2, 2, 32)
     np.testing.assert_allclose(features, expected, atol=2e-5)
+
+
+def test_the_encoders_weights_are_arguments_of_the_train_step_not_constants(digits_data_dir, tmp_path):
+    """Closed over, the frozen encoder's weights would be embedded in the step's program (344 MB of HLO for
+    DINOv2-B); `Objective.frozen` passes them as arguments, bound by `jit_train_step`."""
+    save_tiny_dinov2(tmp_path)
+    config = changed(tiny_digits_config(digits_data_dir), {
+        "repa.weight": 0.5, "repa.layer": 3, "repa.encoder": "dinov2", "repa.encoder_path": str(tmp_path),
+        "repa.encoder_resolution": 28})
+    exp = experiment.build(config)
+    frozen = exp.objective.frozen["repa_encoder"]
+    batch = {"image": jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.float32, sharding=exp.batch_sharding),
+             "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=exp.batch_sharding)}
+    program = experiment.jit_train_step(exp, config).lower(exp.abstract_state, batch).as_text()
+    constants = [np.prod([int(d) for d in shape.split("x")[:-1]])
+                 for shape in re.findall(r"stablehlo.constant dense<[^>]*> : tensor<([0-9x]+f32)>", program)]
+    weights = [leaf.size for leaf in jax.tree.leaves(frozen) if leaf.size > 1000]  # qkv 32x96, MLP, patches
+    assert len(weights) >= 5 and max(constants) < min(weights)  # the largest constant: the 100-step schedule
+    assert program.count("tensor<32x96xf32>") >= 2  # the two blocks' fused qkv kernels come in as arguments
 
 
 def test_dinov2_encoder_config_errors(digits_data_dir, tmp_path):

@@ -78,12 +78,13 @@ def test_per_device_streams_differ_between_devices():
     """'per_device': the step's key folded with the device index; no device repeats another's noise."""
     mesh = mesh_lib.make_mesh({"data": 8})
 
-    def per_device(params, state, images, labels, cond, noise, key):
+    def per_device(params, state, frozen, images, labels, cond, noise, key):
         return (jnp.zeros(()), {"noise": jax.random.normal(key, (images.shape[0],))}), params
 
     gather = shard_step.all_reduced(per_device, mesh, rng="per_device")
     images = jax.device_put(jnp.zeros((16, 2)), mesh_lib.batch_sharding(mesh))
-    (_, aux), _ = jax.jit(gather)(jnp.zeros(()), None, images, images[:, 0], None, None, jax.random.key(0))
+    (_, aux), _ = jax.jit(gather)(jnp.zeros(()), None, None, images, images[:, 0], None, None,
+                                  jax.random.key(0))
     noise = np.asarray(aux["noise"]).reshape(8, 2)
     assert len({tuple(row) for row in noise}) == 8
 

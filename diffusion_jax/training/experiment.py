@@ -134,17 +134,41 @@ def with_scale_factor(exp: Experiment, scale_factor: float) -> Experiment:
     return exp._replace(first_stage=first_stage, sample_fn=latent.decoding(exp.sample_fn, first_stage))
 
 
-def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> Callable:
+def jit_train_step(exp: Experiment, config: ml_collections.ConfigDict) -> "BoundStep":
     """The train step of `config`, jitted for `exp`'s mesh (traced under it: `mesh_lib.with_mesh`): the state
     keeps its shardings (donated, so updated in place), the batch arrives split over ('data', 'fsdp'), the
-    metrics come back replicated."""
-    return jax.jit(
+    metrics come back replicated. Called, lowered and compiled as `(state, batch)`: the objective's frozen
+    arrays (`Objective.frozen`) are bound as its last argument, replicated, not embedded as constants."""
+    jitted = jax.jit(
         mesh_lib.with_mesh(make_train_step(exp.graphdef, exp.objective, exp.tx, exp.lr_schedule, config, exp.mesh),
                            exp.mesh),
-        in_shardings=(exp.state_shardings, exp.batch_sharding),
+        in_shardings=(exp.state_shardings, exp.batch_sharding, exp.replicated),
         out_shardings=(exp.state_shardings, exp.replicated),
         donate_argnums=0,
     )
+    frozen = None if exp.objective.frozen is None else jax.device_put(exp.objective.frozen, exp.replicated)
+    return BoundStep(jitted, frozen)
+
+
+class BoundStep:
+    """`fn(*args, frozen)` called, lowered (`.lower(*args)`) and compiled (`.compile()`) as `fn(*args)`: a jitted
+    step, its `Lowered` or its `Compiled`, with the frozen arrays bound; every other attribute (`as_text`,
+    `cost_analysis`, `memory_analysis`) is `fn`'s."""
+
+    def __init__(self, fn: Any, frozen: Any):
+        self._fn, self._frozen = fn, frozen
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args, self._frozen)
+
+    def lower(self, *args: Any) -> "BoundStep":
+        return BoundStep(self._fn.lower(*args, self._frozen), self._frozen)
+
+    def compile(self) -> "BoundStep":
+        return BoundStep(self._fn.compile(), self._frozen)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fn, name)
 
 
 def ema_index(config: ml_collections.ConfigDict) -> int | None:

@@ -82,23 +82,23 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 def all_reduced(loss_and_grads: LossAndGrads, mesh: Mesh, rng: str = "global") -> LossAndGrads:
-    """`loss_and_grads(params, state, images, labels, cond, noise, key) -> ((loss, aux), grads)` of the whole
-    batch, computed per device under `jax.shard_map` and all-reduced (see the module docstring).
+    """`loss_and_grads(params, state, frozen, images, labels, cond, noise, key) -> ((loss, aux), grads)` of the
+    whole batch, computed per device under `jax.shard_map` and all-reduced (see the module docstring).
 
-    `images`, `labels`, `cond` and `noise` arrive split over the batch axes; `params`, `state` and `key`
-    replicated. Only the batch axes are manual: a 'sequence' or 'tensor' axis stays XLA's, so ring attention
-    still splits the tokens inside.
+    `images`, `labels`, `cond` and `noise` arrive split over the batch axes; `params`, `state`, `frozen` (the
+    objective's frozen arrays) and `key` replicated. Only the batch axes are manual: a 'sequence' or 'tensor'
+    axis stays XLA's, so ring attention still splits the tokens inside.
     """
     axes = batch_axes(mesh)
     num_shards = mesh.shape[axes[0]] * (mesh.shape[axes[1]] if len(axes) > 1 else 1)
     batch = P(axes)
 
-    def per_device(params: Any, state: Any, images: jax.Array, labels: jax.Array, cond: Any, noise: Any,
-                   key: jax.Array) -> tuple:
+    def per_device(params: Any, state: Any, frozen: Any, images: jax.Array, labels: jax.Array, cond: Any,
+                   noise: Any, key: jax.Array) -> tuple:
         shard = jax.lax.axis_index(axes)
         key = rows_key(key, shard, num_shards) if rng == "global" else jax.random.fold_in(key, shard)
         params = jax.lax.pcast(params, axes, to="varying")  # each device's gradient is its own
-        (loss, aux), grads = loss_and_grads(params, state, images, labels, cond, noise, key)
+        (loss, aux), grads = loss_and_grads(params, state, frozen, images, labels, cond, noise, key)
         grads = jax.lax.pmean(grads, axes)  # after grad: the mean of the per-device gradients
         loss = jax.lax.pmean(loss, axes)
         aux = {name: jax.lax.pmean(value, axes) if value.ndim == 0 else gathered(value, shard)
@@ -112,5 +112,5 @@ def all_reduced(loss_and_grads: LossAndGrads, mesh: Mesh, rng: str = "global") -
                                                                rows.dtype), rows, shard * rows.shape[0], axis=0)
         return jax.lax.psum(placed, axes)
 
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), batch, batch, batch, batch, P()),
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), batch, batch, batch, batch, P()),
                          out_specs=P(), axis_names=frozenset(axes))

@@ -2,6 +2,7 @@
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from diffusion_jax.training.mesh import SEQUENCE_AXIS
 from diffusion_jax.training.state import TrainState, ema_betas, update_emas
 
 Batch = dict[str, jax.Array]  # {'image': [B, ...] float32 in [-1, 1], 'label': [B] int32}
+Frozen = dict[str, Any] | None  # an objective's frozen arrays (`objectives.Objective.frozen`)
 
 
 def make_train_step(
@@ -26,8 +28,8 @@ def make_train_step(
     lr_schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
     mesh: Mesh | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns `train_step(state, batch, frozen=None) -> (state, metrics)`, not yet jitted.
 
     The loss is `objective`'s (`objectives.build`: the table of `training.objective`), which the
     step differentiates without knowing which it is: the diffusion loss of `diffusion.loss`, the
@@ -46,6 +48,10 @@ def make_train_step(
     `training.step_impl='shard_map'` computes the loss and gradients per device over `mesh` and all-reduces
     them by hand (`shard_step.all_reduced`; the same numbers, a place for per-device logic); the rest of the
     step is this one.
+
+    `frozen` is the objective's frozen arrays (`Objective.frozen`, e.g. REPA's encoder); None: the objective's
+    own, closed over. Pass them as an argument to the jitted step (`experiment.jit_train_step` does): closed
+    over, XLA embeds them in the program as constants.
     """
     class_conditional = config.model.get("num_classes") is not None and objective.conditions_model
     conditional = (class_conditional or _uses_text(config)) and objective.conditions_model
@@ -55,20 +61,20 @@ def make_train_step(
     accum_steps = config.training.get("grad_accum_steps", 1)
 
     def loss_and_grads(
-        params: nnx.State, state: TrainState, images: jax.Array, labels: jax.Array, cond: conditioning.Cond,
-        noise: jax.Array | None, key: jax.Array,
+        params: nnx.State, state: TrainState, frozen: Frozen, images: jax.Array, labels: jax.Array,
+        cond: conditioning.Cond, noise: jax.Array | None, key: jax.Array,
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
         """((loss, aux), d loss / d params) of one (micro)batch; `key` draws its t, noise and dropout."""
         loss_key, dropout_key = jax.random.split(key)
-        inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key, noise)
+        inputs = objectives.LossInputs(images, labels, cond, loss_key, dropout_key, noise, frozen=frozen)
         return jax.value_and_grad(objective.loss, has_aux=True)(params, state, inputs)
 
     def compute_grads(
-        params: nnx.State, state: TrainState, images: jax.Array, labels: jax.Array, cond: conditioning.Cond,
-        noise: jax.Array | None, key: jax.Array,
+        params: nnx.State, state: TrainState, frozen: Frozen, images: jax.Array, labels: jax.Array,
+        cond: conditioning.Cond, noise: jax.Array | None, key: jax.Array,
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
         """((loss, aux), grads) of the batch: one pass, or the mean over `training.grad_accum_steps` microbatches."""
-        grads_fn = functools.partial(loss_and_grads, params, state)
+        grads_fn = functools.partial(loss_and_grads, params, state, frozen)
         if accum_steps == 1:
             return grads_fn(images, labels, cond, noise, key)
         return _accumulate(grads_fn, params, (images, labels, cond, noise), key, accum_steps)
@@ -81,7 +87,8 @@ def make_train_step(
                               f"mesh.sequence={mesh.shape[SEQUENCE_AXIS]}; use 'jit' (the default) with it")
         compute_grads = shard_step.all_reduced(compute_grads, mesh, config.training.get("shard_map_rng", "global"))
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(state: TrainState, batch: Batch, frozen: Frozen = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        frozen = objective.frozen if frozen is None else frozen
         if objective.advance is not None:  # e.g. a new distillation round: the teacher, EMAs, optimiser
             state = objective.advance(state, tx)
         step_key = jax.random.fold_in(state.key, state.step)
@@ -92,7 +99,7 @@ def make_train_step(
             cond = conditioning.drop(jax.random.fold_in(step_key, 1), cond, cond_dropout, null_label)
         cond = controlnet.training_condition(config, cond, images, jax.random.fold_in(step_key, 3))  # never dropped
         noise = batch.get("noise")  # reflow's paired noise (`flow.pairs_dir`), else None: drawn by the loss
-        (loss, aux), grads = compute_grads(state.params, state, images, labels, cond, noise, step_key)
+        (loss, aux), grads = compute_grads(state.params, state, frozen, images, labels, cond, noise, step_key)
         grad_norm = optax.global_norm(grads)
 
         def update(state: TrainState) -> TrainState:
