@@ -6,7 +6,7 @@ Every variant's train step (throughput.py's: the project's `make_train_step`, Ad
 is compiled in one process, then the steps are timed round-robin, `--reps` calls each per round, so the
 machine's drift (10-25% between processes here) hits all variants alike. Prints images/s, the ratio to
 `plain`, compile seconds and XLA's temporary buffer per variant. The variants replace
-`models.norm.GroupNorm.__call__` while the model is traced:
+`models.norm.GroupNorm.__call__` (or, for `broadcast`, `models.bias.broadcast_channels`) while the model is traced:
 
   plain       the project's `models.norm.GroupNorm`: nnx.GroupNorm's formulation (single-pass statistic),
               scale-shift and SiLU as separate ops, differentiated by JAX
@@ -19,6 +19,9 @@ machine's drift (10-25% between processes here) hits all variants alike. Prints 
   no_norm     GroupNorm replaced by the identity (SiLU kept): an upper bound on what any GroupNorm can save
   no_silu     SiLU replaced by the identity (GroupNorm kept)
   no_norm_no_silu  both
+  broadcast   every per-channel bias, γ and β (`models.bias.broadcast_channels`) a plain `broadcast_to`, whose
+              gradient XLA:CPU computes as a reduce-window over the leading axes instead of a matvec (the
+              library's form before 2026-12-07)
 """
 
 import argparse
@@ -31,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import norm
+from diffusion_jax.models import bias, norm
 
 # --- the fused forms measured against the library's plain GroupNorm (models/norm.py) ---------------------------
 
@@ -170,7 +173,9 @@ VARIANTS = {
     "no_norm": identity_norm,
     "no_silu": plain_no_silu,
     "no_norm_no_silu": identity,
+    "broadcast": norm.GroupNorm.__call__,  # with bias.broadcast_channels replaced (BROADCAST)
 }
+BROADCAST = {"broadcast": lambda v, shape: jnp.broadcast_to(v, shape)}  # variant -> bias.broadcast_channels
 
 
 def main(argv=None) -> None:
@@ -185,9 +190,10 @@ def main(argv=None) -> None:
 
     config, shape, batch = throughput.build_config(throughput.parse_args(["--model", args.model]))
     names = args.variants.split(",")
-    runs, info, original = {}, {}, norm.GroupNorm.__call__
+    runs, info, original, original_broadcast = {}, {}, norm.GroupNorm.__call__, bias.broadcast_channels
     for name in names:
         norm.GroupNorm.__call__ = VARIANTS[name]
+        bias.broadcast_channels = norm.broadcast_channels = BROADCAST.get(name, original_broadcast)
         try:
             step, state, batch_dict = throughput.build_train_step(config, shape, batch)
             start = time.perf_counter()
@@ -195,6 +201,7 @@ def main(argv=None) -> None:
             info[name] = (time.perf_counter() - start, compiled.memory_analysis().temp_size_in_bytes / 2**20)
         finally:
             norm.GroupNorm.__call__ = original
+            bias.broadcast_channels = norm.broadcast_channels = original_broadcast
         holder = [state]
 
         def run(compiled=compiled, holder=holder, batch_dict=batch_dict):

@@ -42,6 +42,7 @@ from jax.typing import DTypeLike
 
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models import ring_attention
+from diffusion_jax.models.bias import Conv, Linear
 from diffusion_jax.models.layers import zeros_init
 
 AttentionImpl = Literal["xla", "cudnn"]
@@ -59,9 +60,9 @@ def _linear(
     zero: bool = False,
     rngs: nnx.Rngs,
     dtype: DTypeLike,
-) -> nnx.Linear:
+) -> Linear:
     """A dense layer with float32 parameters computing in `dtype`; `zero` for LDM's zero_module."""
-    return nnx.Linear(
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,
@@ -73,9 +74,9 @@ def _linear(
     )
 
 
-def _conv1x1(in_ch: int, out_ch: int, *, zero: bool = False, rngs: nnx.Rngs, dtype: DTypeLike) -> nnx.Conv:
+def _conv1x1(in_ch: int, out_ch: int, *, zero: bool = False, rngs: nnx.Rngs, dtype: DTypeLike) -> Conv:
     """A 1x1 convolution (SD 1.x's proj_in / proj_out), kernel [1, 1, in, out]."""
-    return nnx.Conv(
+    return Conv(
         in_ch,
         out_ch,
         (1, 1),

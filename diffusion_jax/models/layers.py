@@ -15,6 +15,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from diffusion_jax import conditioning
+from diffusion_jax.models.bias import Linear
 from diffusion_jax.models.norm import GroupNorm
 
 # Ho et al.'s `default_init` (diffusion_tf/nn.py): variance scaling 1.0, fan_avg, uniform.
@@ -29,9 +30,9 @@ def linear(
     zero_init: bool = False,
     rngs: nnx.Rngs,
     dtype: DTypeLike = jnp.float32,
-) -> nnx.Linear:
+) -> Linear:
     """A dense layer with Ho et al.'s initialisation; `zero_init` for output projections."""
-    return nnx.Linear(
+    return Linear(
         in_features,
         out_features,
         kernel_init=zeros_init if zero_init else default_init,

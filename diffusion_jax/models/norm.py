@@ -13,13 +13,16 @@ checkpoints and the weight-conversion tables see the same paths. JAX differentia
 modes. Two fused forms with a hand-written derivative (a custom JVP whose transpose reduces the
 full-size arrays twice; a custom VJP that recomputes x̂ from x) were measured against this plain
 form and did not make the train step faster on the CPU (`benchmarks/ab_train_step.py`,
-benchmarks/README.md "GroupNorm and SiLU"), so the plain form stays.
+benchmarks/README.md "GroupNorm and SiLU"), so the plain form stays. γ and β are broadcast by
+`bias.broadcast_channels`, so that their gradients are matrix-vector products on the CPU.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
+
+from diffusion_jax.models.bias import broadcast_channels
 
 
 class GroupNorm(nnx.Module):
@@ -59,7 +62,8 @@ class GroupNorm(nnx.Module):
         xg = x.astype(jnp.float32).reshape(b, -1, self.num_groups, c // self.num_groups)  # [B, HW, G, C/G]
         mean = xg.mean(axis=(1, 3), keepdims=True)
         var = jnp.maximum(jnp.square(xg).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape) * self.scale[...] + self.bias[...]
+        x_hat = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        y = x_hat * broadcast_channels(self.scale[...], shape) + broadcast_channels(self.bias[...], shape)
         if scale is not None or shift is not None:
             expand = (slice(None),) + (None,) * (len(shape) - 2)  # [B, C] -> [B, 1, (1,) C]
             y = y * (1.0 + (0.0 if scale is None else scale[expand])) + (0.0 if shift is None else shift[expand])

@@ -18,6 +18,7 @@ from diffusion_jax import conditioning, repa
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models import ring_attention
 from diffusion_jax.models.attention import SpatialTransformer
+from diffusion_jax.models.bias import Conv
 from diffusion_jax.models.layers import (
     ConditionEmbedder,
     default_init,
@@ -39,10 +40,10 @@ def _conv3x3(
     zero_init: bool = False,
     rngs: nnx.Rngs,
     dtype: DTypeLike,
-) -> nnx.Conv:
+) -> Conv:
     """3x3 convolution (SAME, or `padding` zeros on every side) with Ho et al.'s initialisation (zero for
     output convs)."""
-    return nnx.Conv(
+    return Conv(
         in_ch,
         out_ch,
         (3, 3),
