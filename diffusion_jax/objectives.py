@@ -108,7 +108,7 @@ class Objective(NamedTuple):
     initial_params: nnx.State | None = None
     # Frozen arrays the loss reads as `inputs.frozen` and nothing saves (REPA's encoder, loaded from its own
     # file each run), by name. The jitted step takes them as an argument (`experiment.jit_train_step`): closed
-    # over, XLA would embed them in the program as constants (344 MB of HLO for DINOv2-B).
+    # over, XLA would embed them in the program as constants (661 MB of StableHLO for DINOv2-B).
     frozen: dict[str, Any] | None = None
 
 
