@@ -322,11 +322,14 @@ def test_config_errors(kwargs, message):
 
 
 def _dot_dtypes(jaxpr: jax.extend.core.Jaxpr) -> list[str]:
-    """The operand dtype of every dot_general in `jaxpr` and its sub-jaxprs."""
+    """The operand dtype of every matmul (a dot_general contracting more than one element) in `jaxpr` and its
+    sub-jaxprs; the outer products that `models.bias` broadcasts biases with contract one and are not counted."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            found.append(str(jnp.result_type(*(v.aval.dtype for v in eqn.invars))))
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            if math.prod(eqn.invars[0].aval.shape[d] for d in contracting) > 1:
+                found.append(str(jnp.result_type(*(v.aval.dtype for v in eqn.invars))))
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _dot_dtypes(sub)
     return found
