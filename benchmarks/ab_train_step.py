@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     runs, info, original, original_broadcast = {}, {}, norm.GroupNorm.__call__, bias.broadcast_channels
     for name in names:
         norm.GroupNorm.__call__ = VARIANTS[name]
-        bias.broadcast_channels = norm.broadcast_channels = BROADCAST.get(name, original_broadcast)
+        bias.broadcast_channels = BROADCAST.get(name, original_broadcast)
         try:
             step, state, batch_dict = throughput.build_train_step(config, shape, batch)
             start = time.perf_counter()
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
             info[name] = (time.perf_counter() - start, compiled.memory_analysis().temp_size_in_bytes / 2**20)
         finally:
             norm.GroupNorm.__call__ = original
-            bias.broadcast_channels = norm.broadcast_channels = original_broadcast
+            bias.broadcast_channels = original_broadcast
         holder = [state]
 
         def run(compiled=compiled, holder=holder, batch_dict=batch_dict):

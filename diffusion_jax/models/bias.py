@@ -34,7 +34,8 @@ def broadcast_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 class Conv(nnx.Conv):
-    """`nnx.Conv` (same arguments and parameters) whose bias is added by `broadcast_channels`."""
+    """`nnx.Conv` (same arguments and parameters) whose bias is added by `broadcast_channels`. The parent is built
+    without a bias (its `use_bias` reads False) so that its call leaves the bias to this class; read `bias`."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int], *, use_bias: bool = True,
                  bias_init: nnx.Initializer = _ZEROS, param_dtype: DTypeLike = jnp.float32,
@@ -50,7 +51,8 @@ class Conv(nnx.Conv):
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` (same arguments and parameters) whose bias is added by `broadcast_channels`."""
+    """`nnx.Linear` (same arguments and parameters) whose bias is added by `broadcast_channels`. Its `use_bias`
+    reads False, as `Conv`'s; read `bias`."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                  bias_init: nnx.Initializer = _ZEROS, param_dtype: DTypeLike = jnp.float32,

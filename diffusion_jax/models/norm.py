@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from diffusion_jax.models.bias import broadcast_channels
+from diffusion_jax.models import bias as per_channel
 
 
 class GroupNorm(nnx.Module):
@@ -63,7 +63,8 @@ class GroupNorm(nnx.Module):
         mean = xg.mean(axis=(1, 3), keepdims=True)
         var = jnp.maximum(jnp.square(xg).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
         x_hat = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
-        y = x_hat * broadcast_channels(self.scale[...], shape) + broadcast_channels(self.bias[...], shape)
+        y = x_hat * per_channel.broadcast_channels(self.scale[...], shape) + per_channel.broadcast_channels(
+            self.bias[...], shape)
         if scale is not None or shift is not None:
             expand = (slice(None),) + (None,) * (len(shape) - 2)  # [B, C] -> [B, 1, (1,) C]
             y = y * (1.0 + (0.0 if scale is None else scale[expand])) + (0.0 if shift is None else shift[expand])
